@@ -1,0 +1,48 @@
+"""beam-moe: Binary Expert Activation Masking (BEAM) for Mixture-of-Experts language models.
+
+from beam_moe import BeamConfig, attach, save_beam, load_beam, beam_stats
+attach(model, BeamConfig())          # every MoE block gets `beam_mask`
+with beam_stats(model) as s:
+    model(**batch)
+s.avg_k
+"""
+
+from beam_moe.attach import (
+    attach,
+    detach,
+    get_attachment,
+    is_attached,
+    last_avg_k,
+    mask_parameters,
+    mask_regularizer,
+)
+from beam_moe.checkpoint import load_beam, read_adapter_config, save_beam
+from beam_moe.config import BeamConfig
+from beam_moe.errors import BeamError
+from beam_moe.mask import MaskHead
+from beam_moe.routing import MaskedRouting, apply_mask, to_sentinel
+from beam_moe.stats import BeamStats, beam_stats
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BeamConfig",
+    "BeamError",
+    "BeamStats",
+    "MaskHead",
+    "MaskedRouting",
+    "__version__",
+    "apply_mask",
+    "attach",
+    "beam_stats",
+    "detach",
+    "get_attachment",
+    "is_attached",
+    "last_avg_k",
+    "load_beam",
+    "mask_parameters",
+    "mask_regularizer",
+    "read_adapter_config",
+    "save_beam",
+    "to_sentinel",
+]

@@ -1,0 +1,176 @@
+"""BEAM adapters on disk: `beam_config.json` + `beam_adapter.safetensors`, the mask heads only.
+
+The config records the BeamConfig, the base model's identity and the weights file's SHA-256, so
+a damaged file or another base is refused before the model is touched. No pickle anywhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from beam_moe.adapters import family_for
+from beam_moe.atomic import atomic_directory
+from beam_moe.attach import attach, detach, get_attachment, is_attached, select_blocks
+from beam_moe.config import BeamConfig
+from beam_moe.errors import BeamError
+from beam_moe.identity import base_identity, identity_mismatch
+
+CONFIG_FILE = "beam_config.json"
+WEIGHTS_FILE = "beam_adapter.safetensors"
+FORMAT = "beam-moe-adapter"
+FORMAT_VERSION = 1
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _version() -> str:
+    from beam_moe import __version__
+
+    return __version__
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The mask heads' tensors, named `<block>.beam_mask.weight` (and `.bias`)."""
+    return {
+        f"{layer.name}.beam_mask.{key}": value.detach().to("cpu").contiguous()
+        for layer in get_attachment(model).layers
+        for key, value in layer.head.state_dict().items()
+    }
+
+
+def save_beam(model: nn.Module, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
+    """Write the model's BEAM adapter into the folder `path`, atomically; returns the folder.
+
+    Other files already in the folder are kept. `extra` is stored in the config under "extra"
+    (e.g. how the adapter was trained).
+    """
+    attachment = get_attachment(model)
+    path = Path(path)
+    with atomic_directory(path) as staging:
+        save_file(adapter_state_dict(model), staging / WEIGHTS_FILE, metadata={"format": FORMAT})
+        document = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "beam_moe_version": _version(),
+            "config": attachment.config.to_dict(),
+            "base": attachment.base,
+            "weights": {"file": WEIGHTS_FILE, "sha256": _sha256(staging / WEIGHTS_FILE)},
+            "extra": extra or {},
+        }
+        (staging / CONFIG_FILE).write_text(json.dumps(document, indent=2) + "\n")
+    return path
+
+
+def read_adapter_config(path: str | Path) -> dict[str, Any]:
+    """Parse and check `beam_config.json` of the adapter folder `path`; returns the whole document."""
+    path = Path(path)
+    config_path = path / CONFIG_FILE
+    if not path.is_dir():
+        raise BeamError(
+            f"no BEAM adapter at {path}: not a folder (expected {CONFIG_FILE} and {WEIGHTS_FILE})"
+        )
+    if not config_path.is_file():
+        raise BeamError(f"no BEAM adapter at {path}: {CONFIG_FILE} is missing")
+    text = config_path.read_text()
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise BeamError(
+            f"{config_path} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); "
+            "re-save the adapter or fix the file"
+        ) from e
+    if not isinstance(document, dict) or document.get("format") != FORMAT:
+        raise BeamError(f'{config_path} is not a beam-moe adapter config (no "format": "{FORMAT}")')
+    if document.get("format_version") != FORMAT_VERSION:
+        raise BeamError(
+            f"{config_path} has format version {document.get('format_version')!r}; "
+            f"this beam-moe ({_version()}) reads version {FORMAT_VERSION}"
+        )
+    for key in ("config", "base", "weights"):
+        if not isinstance(document.get(key), dict):
+            raise BeamError(f"{config_path} has no {key!r} section; the file is incomplete")
+    try:
+        document["config"] = BeamConfig.from_dict(document["config"])
+    except BeamError as e:
+        raise BeamError(f"{config_path}: {e}") from e
+    except TypeError as e:
+        raise BeamError(f"{config_path}: the config section does not parse ({e})") from e
+    return document
+
+
+def _read_weights(path: Path, document: dict[str, Any]) -> dict[str, torch.Tensor]:
+    weights_path = path / WEIGHTS_FILE
+    if not weights_path.is_file():
+        raise BeamError(f"the adapter at {path} has no {WEIGHTS_FILE}")
+    expected = document["weights"].get("sha256")
+    if expected != _sha256(weights_path):
+        raise BeamError(
+            f"{weights_path} does not match {CONFIG_FILE} (its SHA-256 differs): the file is truncated, "
+            "damaged or from another save; re-save the adapter"
+        )
+    try:
+        return load_file(weights_path)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise BeamError(f"{weights_path} cannot be read as safetensors ({e}); re-save the adapter") from e
+
+
+def load_beam(model: nn.Module, path: str | Path) -> nn.Module:
+    """Attach the adapter in folder `path` to `model` (replacing any attached one); returns `model`.
+
+    Everything is checked first (files, config, base identity, tensor names and shapes): on any
+    problem a BeamError is raised and the model is left as it was.
+    """
+    path = Path(path)
+    document = read_adapter_config(path)
+    config: BeamConfig = document["config"]
+    tensors = _read_weights(path, document)
+
+    current = get_attachment(model) if is_attached(model) else None
+    family = family_for(model)
+    base = current.base if current is not None else base_identity(model, family)
+    mismatch = identity_mismatch(document["base"], base)
+    if mismatch:
+        raise BeamError(f"the adapter at {path} was trained for another base model: {mismatch}")
+
+    blocks = [name for name, _ in select_blocks(model, family, config.layers)]
+    shapes = {"weight": (base["num_experts"], base["hidden_size"]), "bias": (base["num_experts"],)}
+    expected = {
+        f"{name}.beam_mask.{key}": shapes[key]
+        for name in blocks
+        for key in (("weight", "bias") if config.bias else ("weight",))
+    }
+    if set(tensors) != set(expected):
+        missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+        raise BeamError(
+            f"{path / WEIGHTS_FILE} does not hold the expected mask heads "
+            f"(missing: {missing[:3]}{'...' if len(missing) > 3 else ''}; "
+            f"unexpected: {unexpected[:3]}{'...' if len(unexpected) > 3 else ''})"
+        )
+    for name, shape in expected.items():
+        if tuple(tensors[name].shape) != shape:
+            raise BeamError(f"{name} has shape {tuple(tensors[name].shape)}, expected {shape}")
+
+    if current is not None:
+        detach(model)
+    attach(model, config)
+    attachment = get_attachment(model)
+    attachment.base = base
+    with torch.no_grad():
+        for layer in attachment.layers:
+            for key, param in layer.head.named_parameters():
+                param.copy_(tensors[f"{layer.name}.beam_mask.{key}"])
+    return model

@@ -1,0 +1,89 @@
+"""BEAM on one MoE block: the mask head beside the router, and expert execution that skips masked pairs.
+
+The block's own forward is untouched (shared experts, jitter, output format). Two things change:
+- a forward hook on the router replaces its Top-K weights with `g * keep` (routing.apply_mask);
+  in eval mode masked slots also get the sentinel id E, so the experts never compute them;
+- the experts module's forward runs a BEAM expert backend, which skips ids >= E.
+In training mode all K experts are computed (weights g * keep with a straight-through gradient),
+so the gradient reaches masked slots.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from torch import Tensor, nn
+
+from beam_moe.adapters.base import MoEFamily
+from beam_moe.config import BeamConfig
+from beam_moe.experts import ExpertWeights, get_backend
+from beam_moe.mask import MaskHead
+from beam_moe.routing import apply_mask, to_sentinel
+
+if TYPE_CHECKING:
+    from beam_moe.stats import BeamStats
+
+
+class BeamMoELayer:
+    """The BEAM runtime of one MoE block (not an nn.Module: it owns hooks, not weights)."""
+
+    def __init__(
+        self,
+        index: int,
+        name: str,
+        block: nn.Module,
+        family: MoEFamily,
+        config: BeamConfig,
+        sinks: list[BeamStats],
+    ) -> None:
+        self.index = index
+        self.name = name
+        self.block = block
+        self.router = family.router(block)
+        self.experts = family.experts(block)
+        self.num_experts, self.hidden_size = self.router.weight.shape
+        self.top_k = int(self.router.top_k)
+        self.config = config
+        self.sinks = sinks
+        self.last_soft: Tensor | None = None
+        self.last_keep: Tensor | None = None
+        self._hook: Any = None
+
+    @property
+    def head(self) -> MaskHead:
+        return self.block.beam_mask
+
+    def install(self, head: MaskHead) -> None:
+        self.block.add_module("beam_mask", head)
+        self._hook = self.router.register_forward_hook(self._mask_router_output, with_kwargs=True)
+        self.experts.forward = self._run_experts
+
+    def remove(self) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        self.experts.__dict__.pop("forward", None)
+        if "beam_mask" in self.block._modules:
+            del self.block._modules["beam_mask"]
+        self.last_soft = self.last_keep = None
+
+    def _mask_router_output(self, router: nn.Module, args: tuple, kwargs: dict, output: tuple) -> tuple:
+        hidden = args[0] if args else next(iter(kwargs.values()))
+        logits, weights, ids = output[0], output[1], output[2]
+        routing = apply_mask(
+            weights, ids, self.head(hidden), self.config.threshold, renormalize=self.config.renormalize
+        )
+        self.last_soft = routing.soft if self.block.training else None
+        self.last_keep = routing.keep.detach()
+        for sink in self.sinks:
+            sink._add_routing(self.index, routing.keep, ids, routing.soft, weights)
+        if not self.block.training:
+            ids = to_sentinel(ids, routing.keep, self.num_experts)
+        return (logits, routing.weights, ids, *output[3:])
+
+    def _run_experts(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
+        backend = get_backend(self.config.backend, hidden_states.device)
+        out, rows = backend(ExpertWeights.of(self.experts), hidden_states, top_k_index, top_k_weights)
+        for sink in self.sinks:
+            sink._add_rows(self.index, rows)
+        return out

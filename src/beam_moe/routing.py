@@ -1,0 +1,62 @@
+"""Apply a BEAM mask to a router's Top-K output.
+
+This is where the mask is applied. The mask lives in one canonical form, `keep: bool[T, K]`,
+aligned with the router's `ids: int[T, K]`; `to_sentinel` converts it for expert backends at
+their boundary (masked slots get id E, one past the last expert, and weight 0).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from beam_moe.mask import straight_through_mask
+
+
+@dataclass
+class MaskedRouting:
+    """A router's Top-K choice after the mask.
+
+    weights: [T, K] g * keep in the router's weight dtype (straight-through gradient when
+             training); renormalised when asked.
+    ids:     [T, K] the router's expert ids, unchanged.
+    keep:    [T, K] bool, the canonical mask.
+    soft:    [T, K] float32 sigmoid(z_k), the regulariser's input.
+    """
+
+    weights: Tensor
+    ids: Tensor
+    keep: Tensor
+    soft: Tensor
+
+
+def apply_mask(
+    weights: Tensor,
+    ids: Tensor,
+    mask_logits: Tensor,
+    threshold: float,
+    *,
+    renormalize: bool = False,
+) -> MaskedRouting:
+    """Gate the router's Top-K weights `g` with the mask: `g * keep`, keep = sigmoid(z[ids]) >= threshold.
+
+    `mask_logits` are over all experts, [T, E]; they are gathered at `ids`. With `renormalize`,
+    the kept weights are rescaled to the sum of the Top-K weights (a token that keeps nothing
+    gets all zeros), which preserves `norm_topk_prob` and `routed_scaling_factor`.
+    """
+    soft = torch.sigmoid(mask_logits.float().gather(1, ids.long()))
+    keep, hard = straight_through_mask(soft, threshold)
+    gated = weights * hard.to(weights.dtype)
+    if renormalize:
+        total = weights.sum(dim=-1, keepdim=True)
+        kept = gated.sum(dim=-1, keepdim=True)
+        scale = torch.where(kept != 0, total / torch.where(kept != 0, kept, torch.ones_like(kept)), 0)
+        gated = gated * scale
+    return MaskedRouting(weights=gated, ids=ids, keep=keep, soft=soft)
+
+
+def to_sentinel(ids: Tensor, keep: Tensor, num_experts: int) -> Tensor:
+    """Expert ids for a backend: masked slots become `num_experts`, which no backend computes."""
+    return torch.where(keep, ids, torch.full_like(ids, num_experts))

@@ -1,0 +1,129 @@
+"""Counting what BEAM does: kept pairs, Avg-K, rows that really entered an expert GEMM."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor, nn
+
+
+@dataclass
+class RoutingRecord:
+    """One forward pass of one MoE layer, kept on the CPU for analysis."""
+
+    ids: Tensor  # [T, K] router ids
+    keep: Tensor  # [T, K] bool
+    soft: Tensor  # [T, K] sigmoid(z_k)
+    weights: Tensor  # [T, K] router weights before the mask
+
+
+class BeamStats:
+    """Counters over the forward passes inside a `beam_stats` block.
+
+    tokens:        tokens that went through each MoE layer (the first layer's count).
+    kept_pairs:    (token, expert) pairs kept by the masks, summed over layers.
+    routed_pairs:  Top-K pairs the routers chose, summed over layers (tokens x K x layers).
+    computed_rows: (token, expert) rows that entered an expert GEMM, summed over layers; equals
+                   kept_pairs in eval mode and routed_pairs in training mode (all K are computed).
+    avg_k:         kept routed experts per token, averaged over MoE layers.
+    """
+
+    def __init__(self, layer_names: list[str], top_k: list[int], record: bool = False) -> None:
+        self.layer_names = list(layer_names)
+        self.top_k = list(top_k)
+        self.record = record
+        n = len(layer_names)
+        self._tokens = [0] * n
+        self._kept: list[Tensor | int] = [0] * n
+        self._rows: list[Tensor | int] = [0] * n
+        self.records: list[list[RoutingRecord]] = [[] for _ in range(n)]
+
+    def _add_routing(self, layer: int, keep: Tensor, ids: Tensor, soft: Tensor, weights: Tensor) -> None:
+        self._tokens[layer] += keep.shape[0]
+        self._kept[layer] = self._kept[layer] + keep.sum()
+        if self.record:
+            self.records[layer].append(
+                RoutingRecord(
+                    ids=ids.detach().cpu(),
+                    keep=keep.detach().cpu(),
+                    soft=soft.detach().float().cpu(),
+                    weights=weights.detach().float().cpu(),
+                )
+            )
+
+    def _add_rows(self, layer: int, rows: Tensor | int) -> None:
+        self._rows[layer] = self._rows[layer] + rows
+
+    @staticmethod
+    def _int(value: Tensor | int) -> int:
+        return int(value.item()) if isinstance(value, Tensor) else int(value)
+
+    @property
+    def tokens(self) -> int:
+        return self._tokens[0] if self._tokens else 0
+
+    @property
+    def kept_pairs(self) -> int:
+        return sum(self._int(v) for v in self._kept)
+
+    @property
+    def routed_pairs(self) -> int:
+        return sum(t * k for t, k in zip(self._tokens, self.top_k, strict=True))
+
+    @property
+    def computed_rows(self) -> int:
+        return sum(self._int(v) for v in self._rows)
+
+    @property
+    def per_layer(self) -> dict[str, float]:
+        """Avg-K of each MoE layer, by the layer's qualified name."""
+        return {
+            name: self._int(kept) / tokens
+            for name, kept, tokens in zip(self.layer_names, self._kept, self._tokens, strict=True)
+            if tokens
+        }
+
+    @property
+    def avg_k(self) -> float:
+        values = list(self.per_layer.values())
+        return sum(values) / len(values) if values else float("nan")
+
+    @property
+    def kept_fraction(self) -> float:
+        routed = self.routed_pairs
+        return self.kept_pairs / routed if routed else float("nan")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "avg_k": self.avg_k,
+            "top_k": max(self.top_k) if self.top_k else None,
+            "tokens": self.tokens,
+            "kept_pairs": self.kept_pairs,
+            "routed_pairs": self.routed_pairs,
+            "computed_rows": self.computed_rows,
+            "kept_fraction": self.kept_fraction,
+            "per_layer": self.per_layer,
+        }
+
+
+@contextmanager
+def beam_stats(model: nn.Module, record: bool = False) -> Iterator[BeamStats]:
+    """Count BEAM's routing during the block: `with beam_stats(model) as s: model(**batch)`.
+
+    With `record=True`, every layer's ids, keep mask and mask probabilities are kept on the CPU
+    (`s.records[layer]`), for analysis plots.
+    """
+    from beam_moe.attach import get_attachment
+
+    attachment = get_attachment(model)
+    stats = BeamStats(
+        [layer.name for layer in attachment.layers], [layer.top_k for layer in attachment.layers], record
+    )
+    attachment.sinks.append(stats)
+    try:
+        yield stats
+    finally:
+        attachment.sinks.remove(stats)

@@ -1,0 +1,37 @@
+"""Test helpers that build expectations independently of beam_moe's own routing code."""
+
+import torch
+from torch import nn
+
+from beam_moe.adapters import family_for
+
+
+def randomize_heads(model: nn.Module, seed: int, std: float = 0.2) -> None:
+    """Give every mask head random weights, so that roughly half of the Top-K slots are masked."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            head = getattr(module, "beam_mask", None)
+            if head is not None:
+                head.weight.copy_(torch.randn(head.weight.shape, generator=generator) * std)
+
+
+def masked_reference(base: nn.Module, heads: dict[str, torch.Tensor], threshold: float = 0.5) -> list:
+    """Hook `base`'s routers so that its own experts implementation gets weights g * keep, ids unchanged.
+
+    `heads` maps block names to mask head weights [E, H]. Returns the hook handles.
+    """
+    family = family_for(base)
+    handles = []
+    for name, block in family.find_blocks(base):
+        weight = heads[name]
+
+        def hook(module, args, output, weight=weight):
+            x = args[0].reshape(-1, weight.shape[1]).float()
+            logits, g, ids = output[:3]
+            z = (x @ weight.float().T).gather(1, ids)
+            keep = torch.sigmoid(z) >= threshold
+            return (logits, g * keep.to(g.dtype), ids, *output[3:])
+
+        handles.append(family.router(block).register_forward_hook(hook))
+    return handles

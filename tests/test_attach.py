@@ -1,0 +1,212 @@
+"""attach/detach on every supported family: the invariants of design.md."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from beam_moe import (
+    BeamConfig,
+    BeamError,
+    attach,
+    beam_stats,
+    detach,
+    get_attachment,
+    last_avg_k,
+    mask_regularizer,
+)
+from beam_moe.tiny_models import tiny_config, tiny_model
+from conftest import token_batch
+from masking import masked_reference, randomize_heads
+
+
+def heads_of(model):
+    return {layer.name: layer.head.weight.detach().clone() for layer in get_attachment(model).layers}
+
+
+def test_every_block_gets_a_linear_mask_head(family):
+    model = attach(tiny_model(family))
+    layers = get_attachment(model).layers
+    assert len(layers) == 2
+    for layer in layers:
+        head = layer.block.beam_mask
+        assert isinstance(head, nn.Linear)
+        assert head.bias is None
+        assert head.weight.shape == (layer.num_experts, layer.hidden_size)
+        assert torch.count_nonzero(head.weight) == 0
+    names = [n for n, _ in model.named_parameters() if "beam_mask" in n]
+    assert names == [f"{layer.name}.beam_mask.weight" for layer in layers]
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_fresh_adapter_reproduces_base_logits(family, mode):
+    model = tiny_model(family)
+    model.train(mode == "train")
+    tokens = token_batch()
+    with torch.no_grad():
+        base = model(tokens).logits
+        attach(model)
+        out = model(tokens).logits
+    assert (out - base).abs().max() <= 1e-6
+
+
+@pytest.mark.parametrize("implementation", ["grouped_mm", "eager"])
+def test_random_masks_equal_base_computation_with_masked_weights(family, implementation):
+    """Reference: the family's own transformers experts, called with weights g * keep and ids unchanged."""
+    reference = tiny_model(family)
+    reference.set_experts_implementation(implementation)
+    model = attach(copy.deepcopy(reference))
+    randomize_heads(model, seed=1)
+    handles = masked_reference(reference, heads_of(model))
+    tokens = token_batch(seed=5)
+    with torch.no_grad(), beam_stats(model) as stats:
+        out = model(tokens).logits
+        expected = reference(tokens).logits
+    for handle in handles:
+        handle.remove()
+    assert 0.2 < stats.kept_fraction < 0.8, "the random heads should mask a good share of the pairs"
+    assert (out - expected).abs().max() <= 1e-5
+
+
+def test_eval_computes_only_kept_pairs_and_training_computes_all(family):
+    model = attach(tiny_model(family))
+    randomize_heads(model, seed=2)
+    tokens = token_batch(seed=1)
+    with torch.no_grad(), beam_stats(model) as stats:
+        model(tokens)
+    assert stats.computed_rows == stats.kept_pairs < stats.routed_pairs
+    model.train()
+    with torch.no_grad(), beam_stats(model) as train_stats:
+        model(tokens)
+    assert train_stats.computed_rows == train_stats.routed_pairs
+    assert train_stats.kept_pairs == stats.kept_pairs
+
+
+def test_everything_masked_runs_no_expert_at_all(family):
+    model = attach(tiny_model(family), BeamConfig(bias=True))
+    with torch.no_grad():
+        for layer in get_attachment(model).layers:
+            layer.head.bias.fill_(-1.0)  # z = -1 everywhere: sigmoid(z) < 0.5, every slot masked
+    with torch.no_grad(), beam_stats(model) as stats:
+        logits = model(token_batch()).logits
+    assert stats.kept_pairs == 0
+    assert stats.computed_rows == 0
+    assert stats.avg_k == 0.0
+    assert torch.isfinite(logits).all()
+
+
+def test_straight_through_gradient_reaches_every_mask_head(family):
+    model = attach(tiny_model(family))
+    randomize_heads(model, seed=3, std=0.05)
+    model.train()
+    tokens = token_batch(seed=2)
+    loss = model(tokens, labels=tokens).loss + 0.1 * mask_regularizer(model)
+    loss.backward()
+    for layer in get_attachment(model).layers:
+        assert layer.head.weight.grad is not None
+        assert layer.head.weight.grad.abs().sum() > 0
+    assert 0 < last_avg_k(model) <= 2
+
+
+def test_regularizer_is_mean_sigmoid_over_layers():
+    model = attach(tiny_model("qwen3_moe"))
+    model.train()
+    model(token_batch())
+    assert mask_regularizer(model).item() == pytest.approx(0.5)
+    model.eval()
+    model(token_batch())
+    with pytest.raises(BeamError, match="no training forward pass"):
+        mask_regularizer(model)
+
+
+def test_detach_restores_the_base_model_exactly(family):
+    model = tiny_model(family)
+    tokens = token_batch()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        base = model(tokens).logits
+    attach(model)
+    randomize_heads(model, seed=4)
+    detach(model)
+    after = model.state_dict()
+    assert list(after) == list(before)
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    with torch.no_grad():
+        assert torch.equal(model(tokens).logits, base)
+    assert not any(hook for m in model.modules() for hook in m._forward_hooks.values())
+    attach(model)  # and it can be attached again
+
+
+def test_attach_twice_is_refused():
+    model = attach(tiny_model("qwen3_moe"))
+    with pytest.raises(BeamError, match="already has BEAM mask heads"):
+        attach(model)
+
+
+def test_unsupported_model_names_the_supported_families():
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    dense = AutoModelForCausalLM.from_config(
+        AutoConfig.for_model(
+            "llama",
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            vocab_size=64,
+        )
+    )
+    with pytest.raises(
+        BeamError, match="does not support model type 'llama'.*qwen3_moe, qwen2_moe, deepseek_v2"
+    ):
+        attach(dense)
+
+
+def test_model_without_moe_layers_is_refused():
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config("qwen3_moe", mlp_only_layers=[0, 1])
+    with pytest.raises(BeamError, match="found no MoE blocks"):
+        attach(AutoModelForCausalLM.from_config(config))
+
+
+def test_layer_selection():
+    model = attach(tiny_model("qwen3_moe"), BeamConfig(layers=[1]))
+    layers = get_attachment(model).layers
+    assert [layer.name for layer in layers] == ["model.layers.1.mlp"]
+    assert not hasattr(model.model.layers[0].mlp, "beam_mask")
+    with pytest.raises(BeamError, match="layers \\[5\\] do not exist"):
+        attach(tiny_model("qwen3_moe"), BeamConfig(layers=[5]))
+
+
+def test_renormalize_option_rescales_kept_weights():
+    model = attach(tiny_model("mixtral"), BeamConfig(renormalize=True))
+    randomize_heads(model, seed=7)
+    with torch.no_grad(), beam_stats(model, record=True) as stats:
+        model(token_batch())
+    record = stats.records[0][0]
+    assert record.keep.any(dim=-1).sum() > 0
+    # Mixtral renormalises its Top-K weights to 1; BEAM then rescales the kept ones back to 1.
+    assert torch.allclose(record.weights.sum(-1), torch.ones(record.weights.shape[0]), atol=1e-5)
+
+
+def test_bf16_model_runs_and_counts():
+    model = attach(tiny_model("qwen2_moe", dtype=torch.bfloat16))
+    randomize_heads(model, seed=1)
+    with torch.no_grad(), beam_stats(model) as stats:
+        logits = model(token_batch()).logits
+    assert logits.dtype == torch.bfloat16
+    assert torch.isfinite(logits).all()
+    assert stats.computed_rows == stats.kept_pairs
+    assert model.model.layers[0].mlp.beam_mask.weight.dtype == torch.float32
+
+
+def test_generate_works_with_masks():
+    model = attach(tiny_model("qwen3_moe"))
+    randomize_heads(model, seed=1)
+    with beam_stats(model) as stats:
+        out = model.generate(token_batch(batch=1, length=5), max_new_tokens=6, do_sample=False)
+    assert out.shape == (1, 11)
+    assert stats.tokens == 5 + 5
