@@ -210,3 +210,43 @@ def test_generate_works_with_masks():
         out = model.generate(token_batch(batch=1, length=5), max_new_tokens=6, do_sample=False)
     assert out.shape == (1, 11)
     assert stats.tokens == 5 + 5
+
+
+def test_routing_policy_replaces_the_heads_and_skips_the_same_compute(family):
+    from beam_moe import set_routing_policy
+
+    model = attach(tiny_model(family))
+    reference = tiny_model(family)
+
+    def first_slot_only(hidden, logits, weights, ids):
+        keep = torch.zeros_like(ids, dtype=torch.bool)
+        keep[:, 0] = True
+        return keep
+
+    set_routing_policy(model, first_slot_only)
+    tokens = token_batch(seed=3)
+    with torch.no_grad(), beam_stats(model) as stats:
+        out = model(tokens).logits
+    assert stats.avg_k == 1.0
+    assert stats.computed_rows == stats.kept_pairs == stats.tokens * len(stats.per_layer)
+
+    def drop_second(module, args, output):
+        logits, g, ids = output[:3]
+        g = g.clone()
+        g[:, 1:] = 0
+        return (logits, g, ids, *output[3:])
+
+    handles = [
+        layer.router.register_forward_hook(drop_second) for layer in get_attachment(attach(reference)).layers
+    ]
+    set_routing_policy(reference, lambda h, lg, w, ids: torch.ones_like(ids, dtype=torch.bool))
+    with torch.no_grad():
+        expected = reference(tokens).logits
+    for handle in handles:
+        handle.remove()
+    assert (out - expected).abs().max() <= 1e-5
+
+    set_routing_policy(model, None)
+    with torch.no_grad(), beam_stats(model) as stats:
+        model(tokens)
+    assert stats.avg_k == 2.0

@@ -15,12 +15,13 @@ from beam_moe.attach import (
     last_avg_k,
     mask_parameters,
     mask_regularizer,
+    set_routing_policy,
 )
 from beam_moe.checkpoint import load_beam, read_adapter_config, save_beam
 from beam_moe.config import BeamConfig
 from beam_moe.errors import BeamError
 from beam_moe.mask import MaskHead
-from beam_moe.routing import MaskedRouting, apply_mask, to_sentinel
+from beam_moe.routing import MaskedRouting, RoutingPolicy, apply_keep, apply_mask, to_sentinel
 from beam_moe.stats import BeamStats, beam_stats
 
 __version__ = "0.1.0"
@@ -31,7 +32,9 @@ __all__ = [
     "BeamStats",
     "MaskHead",
     "MaskedRouting",
+    "RoutingPolicy",
     "__version__",
+    "apply_keep",
     "apply_mask",
     "attach",
     "beam_stats",
@@ -44,5 +47,6 @@ __all__ = [
     "mask_regularizer",
     "read_adapter_config",
     "save_beam",
+    "set_routing_policy",
     "to_sentinel",
 ]

@@ -14,6 +14,7 @@ from beam_moe.errors import BeamError
 from beam_moe.identity import base_identity
 from beam_moe.layer import BeamMoELayer
 from beam_moe.mask import MaskHead, l1_regularizer
+from beam_moe.routing import RoutingPolicy
 from beam_moe.stats import BeamStats
 
 _ATTR = "_beam_attachment"
@@ -87,6 +88,16 @@ def detach(model: nn.Module) -> nn.Module:
         layer.remove()
     object.__delattr__(model, _ATTR)
     return model
+
+
+def set_routing_policy(model: nn.Module, policy: RoutingPolicy | None) -> None:
+    """Decide `keep` with `policy` instead of the mask heads (None restores the heads).
+
+    Baselines (Top-K pruning, Top-P routing, threshold skipping, random masks) use this, so they
+    run through the same sentinel path and counters as BEAM and skip the same compute.
+    """
+    for layer in get_attachment(model).layers:
+        layer.policy = policy
 
 
 def is_attached(model: nn.Module) -> bool:

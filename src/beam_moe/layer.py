@@ -18,7 +18,7 @@ from beam_moe.adapters.base import MoEFamily
 from beam_moe.config import BeamConfig
 from beam_moe.experts import ExpertWeights, get_backend
 from beam_moe.mask import MaskHead
-from beam_moe.routing import apply_mask, to_sentinel
+from beam_moe.routing import RoutingPolicy, apply_keep, apply_mask, to_sentinel
 
 if TYPE_CHECKING:
     from beam_moe.stats import BeamStats
@@ -47,6 +47,7 @@ class BeamMoELayer:
         self.sinks = sinks
         self.last_soft: Tensor | None = None
         self.last_keep: Tensor | None = None
+        self.policy: RoutingPolicy | None = None
         self._hook: Any = None
 
     @property
@@ -70,9 +71,13 @@ class BeamMoELayer:
     def _mask_router_output(self, router: nn.Module, args: tuple, kwargs: dict, output: tuple) -> tuple:
         hidden = args[0] if args else next(iter(kwargs.values()))
         logits, weights, ids = output[0], output[1], output[2]
-        routing = apply_mask(
-            weights, ids, self.head(hidden), self.config.threshold, renormalize=self.config.renormalize
-        )
+        if self.policy is None:
+            routing = apply_mask(
+                weights, ids, self.head(hidden), self.config.threshold, renormalize=self.config.renormalize
+            )
+        else:
+            keep = self.policy(hidden.reshape(-1, self.hidden_size), logits, weights, ids)
+            routing = apply_keep(weights, ids, keep, renormalize=self.config.renormalize)
         self.last_soft = routing.soft if self.block.training else None
         self.last_keep = routing.keep.detach()
         for sink in self.sinks:

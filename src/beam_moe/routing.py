@@ -7,6 +7,7 @@ their boundary (masked slots get id E, one past the last expert, and weight 0).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -48,13 +49,32 @@ def apply_mask(
     """
     soft = torch.sigmoid(mask_logits.float().gather(1, ids.long()))
     keep, hard = straight_through_mask(soft, threshold)
+    return MaskedRouting(weights=_gate(weights, hard, renormalize), ids=ids, keep=keep, soft=soft)
+
+
+RoutingPolicy = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
+"""`policy(hidden [T, H], router_logits [T, E], weights [T, K], ids [T, K]) -> keep bool[T, K]`.
+
+Another way to decide `keep` (a baseline such as Top-P routing, or a fixed mask); see
+`beam_moe.attach.set_routing_policy`.
+"""
+
+
+def apply_keep(weights: Tensor, ids: Tensor, keep: Tensor, *, renormalize: bool = False) -> MaskedRouting:
+    """Gate the router's Top-K weights with a given `keep` (no gradient to a mask head)."""
+    keep = keep.to(torch.bool)
+    hard = keep.to(torch.float32)
+    return MaskedRouting(weights=_gate(weights, hard, renormalize), ids=ids, keep=keep, soft=hard)
+
+
+def _gate(weights: Tensor, hard: Tensor, renormalize: bool) -> Tensor:
     gated = weights * hard.to(weights.dtype)
     if renormalize:
         total = weights.sum(dim=-1, keepdim=True)
         kept = gated.sum(dim=-1, keepdim=True)
         scale = torch.where(kept != 0, total / torch.where(kept != 0, kept, torch.ones_like(kept)), 0)
         gated = gated * scale
-    return MaskedRouting(weights=gated, ids=ids, keep=keep, soft=soft)
+    return gated
 
 
 def to_sentinel(ids: Tensor, keep: Tensor, num_experts: int) -> Tensor:

@@ -66,3 +66,50 @@ def tiny_model(
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(model_type, **overrides), dtype=dtype)
     return model.eval()
+
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}"
+    "{% else %}{{ message['content'] + '<|im_end|>' }}{% endif %}"
+    "{{ '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+BYTE_VOCAB_SIZE = 261  # 256 bytes + <pad> <s> </s> <|im_start|> <|im_end|>
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer (one token per UTF-8 byte) with a ChatML chat template, built offline.
+
+    Token ids: 0 <pad>, 1 <s>, 2 </s>, 3 <|im_start|>, 4 <|im_end|>, then the 256 bytes. Use it with
+    models whose vocab_size is at least BYTE_VOCAB_SIZE.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+    byte_tokens = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {token: i for i, token in enumerate(specials)}
+    vocab.update({token: len(specials) + i for i, token in enumerate(byte_tokens)})
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens(specials)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def save_tiny(model_type: str, path, seed: int = 0, **overrides: Any):
+    """Write a tiny `model_type` model with the byte tokenizer to `path` (a complete model folder)."""
+    overrides.setdefault("vocab_size", BYTE_VOCAB_SIZE)
+    model = tiny_model(model_type, seed=seed, **overrides)
+    model.save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    return model

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import pkgutil
 import sys
 
 from beam_moe.errors import BeamError
 
-COMMANDS = ["beam_moe.cli.info"]
+
+def command_modules() -> list[str]:
+    """Every module of this package that defines `register(subparsers)` is a command."""
+    return [f"{__name__}.{m.name}" for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"beam-moe {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in COMMANDS:
+    for module in command_modules():
         importlib.import_module(module).register(subparsers)
     return parser
 
