@@ -41,7 +41,8 @@ class BeamMoELayer:
         self.block = block
         self.router = family.router(block)
         self.experts = family.experts(block)
-        self.num_experts, self.hidden_size = self.router.weight.shape
+        self.family = family
+        self.num_experts, self.hidden_size = family.router_weight(self.router).shape
         self.top_k = int(self.router.top_k)
         self.config = config
         self.sinks = sinks
@@ -70,7 +71,8 @@ class BeamMoELayer:
 
     def _mask_router_output(self, router: nn.Module, args: tuple, kwargs: dict, output: tuple) -> tuple:
         hidden = args[0] if args else next(iter(kwargs.values()))
-        logits, weights, ids = output[0], output[1], output[2]
+        at_logits, at_weights, at_ids = self.family.router_outputs
+        logits, weights, ids = output[at_logits], output[at_weights], output[at_ids]
         if self.policy is None:
             routing = apply_mask(
                 weights, ids, self.head(hidden), self.config.threshold, renormalize=self.config.renormalize
@@ -84,7 +86,9 @@ class BeamMoELayer:
             sink._add_routing(self.index, routing.keep, ids, routing.soft, weights)
         if not self.block.training:
             ids = to_sentinel(ids, routing.keep, self.num_experts)
-        return (logits, routing.weights, ids, *output[3:])
+        masked = list(output)
+        masked[at_weights], masked[at_ids] = routing.weights, ids
+        return tuple(masked)
 
     def _run_experts(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
         backend = get_backend(self.config.backend, hidden_states.device)
