@@ -30,7 +30,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-tokens", type=int, default=4096, help="tokens of FILE to analyse")
     parser.add_argument("--max-length", type=int, default=256, help="tokens per forward pass")
     parser.add_argument("--batch-size", type=int, default=4, help="windows per forward pass")
-    parser.add_argument("--heatmap-tokens", type=int, default=48, help="tokens of the first text in the heat map")
+    parser.add_argument(
+        "--heatmap-tokens", type=int, default=48, help="tokens of the first text in the heat map"
+    )
     parser.add_argument("--text-key", default="text", help="JSONL field that holds the text")
     add_model_arguments(parser)
     add_baseline_arguments(parser)

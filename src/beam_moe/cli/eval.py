@@ -87,7 +87,11 @@ def run(args: argparse.Namespace) -> int:
 
 def table(document: dict[str, Any]) -> str:
     routing = document["routing"]
-    how = "BEAM mask heads" if routing["method"] == "beam" else f"{routing['method']} {routing['param_name']}={routing['param']:g}"
+    how = (
+        "BEAM mask heads"
+        if routing["method"] == "beam"
+        else f"{routing['method']} {routing['param_name']}={routing['param']:g}"
+    )
     flops = document["flops"]
     lines = [
         f"model       {document['adapter'] or document['base_model']}  (base: {document['base_model']})",
@@ -104,7 +108,9 @@ def table(document: dict[str, Any]) -> str:
     )
     for task, metrics in document.get("lm_eval", {}).get("results", {}).items():
         shown = ", ".join(
-            f"{k.split(',')[0]} {v:.4g}" for k, v in metrics.items() if isinstance(v, float) and "stderr" not in k
+            f"{k.split(',')[0]} {v:.4g}"
+            for k, v in metrics.items()
+            if isinstance(v, float) and "stderr" not in k
         )
         lines.append(f"{task:<11} {shown}")
     return "\n".join(lines)

@@ -20,11 +20,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--preset", choices=list(PRESETS), help="real layer sizes of a known model")
-    source.add_argument("--model", metavar="DIR", help="a model folder or a BEAM adapter folder (config only)")
-    parser.add_argument("--base", help="with an adapter folder: the base model folder, if not the recorded one")
+    source.add_argument(
+        "--model", metavar="DIR", help="a model folder or a BEAM adapter folder (config only)"
+    )
+    parser.add_argument(
+        "--base", help="with an adapter folder: the base model folder, if not the recorded one"
+    )
     parser.add_argument("--avg-k", type=float, required=True, help="kept routed experts per token (0..Top-K)")
     parser.add_argument(
-        "--no-mask-head", action="store_true", help="count no mask head (a training-free policy such as Top-P)"
+        "--no-mask-head",
+        action="store_true",
+        help="count no mask head (a training-free policy such as Top-P)",
     )
     parser.add_argument("--per-layer", action="store_true", help="keep the per-layer breakdown in the JSON")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -46,7 +52,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def table(report: dict[str, Any]) -> str:
-    rows = [("routed experts", "routed"), ("shared experts", "shared"), ("router", "router"), ("mask head", "mask_head")]
+    rows = [
+        ("routed experts", "routed"),
+        ("shared experts", "shared"),
+        ("router", "router"),
+        ("mask head", "mask_head"),
+    ]
     lines = [
         f"{report['source']}: {report['moe_layers']} MoE layers, hidden {report['hidden_size']}, "
         f"{report['num_experts']} experts, Top-{report['top_k']}; Avg-K {report['avg_k']:g}",

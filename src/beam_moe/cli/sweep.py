@@ -18,11 +18,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "parameter on the same text, then calibrates each baseline to every adapter's Avg-K. Writes "
         "sweep.json, sweep.md and sweep.png into --out (all at once).",
     )
-    parser.add_argument("adapters", nargs="*", metavar="ADAPTER", help="BEAM adapter folders (one base model)")
-    parser.add_argument("--ppl", required=True, metavar="FILE", help="evaluation text: .jsonl or .txt")
-    parser.add_argument("--out", required=True, metavar="DIR", help="folder for sweep.json, sweep.md, sweep.png")
     parser.add_argument(
-        "--baselines", default=",".join(BASELINES), help=f"comma-separated, from {', '.join(BASELINES)}; '' for none"
+        "adapters", nargs="*", metavar="ADAPTER", help="BEAM adapter folders (one base model)"
+    )
+    parser.add_argument("--ppl", required=True, metavar="FILE", help="evaluation text: .jsonl or .txt")
+    parser.add_argument(
+        "--out", required=True, metavar="DIR", help="folder for sweep.json, sweep.md, sweep.png"
+    )
+    parser.add_argument(
+        "--baselines",
+        default=",".join(BASELINES),
+        help=f"comma-separated, from {', '.join(BASELINES)}; '' for none",
     )
     parser.add_argument("--points", type=int, default=8, help="grid points per continuous baseline")
     parser.add_argument("--no-match", action="store_true", help="skip calibrating baselines to BEAM's Avg-K")
@@ -53,7 +59,9 @@ def run(args: argparse.Namespace) -> int:
         raise BeamError("give BEAM adapter folders, or --model BASE to sweep the baselines alone")
     read_texts(args.ppl, text_key=args.text_key)
     first = args.adapters[0] if args.adapters else args.model
-    model, tokenizer, loaded = load_eval_model(first, args.model if args.adapters else None, args.dtype, args.device)
+    model, tokenizer, loaded = load_eval_model(
+        first, args.model if args.adapters else None, args.dtype, args.device
+    )
     result = sweep(
         model,
         tokenizer,
@@ -76,5 +84,10 @@ def run(args: argparse.Namespace) -> int:
         (staging / "sweep.json").write_text(dump_json(result))
         (staging / "sweep.md").write_text(markdown)
         plot_sweep(result, staging / "sweep.png")
-    print(dump_json(result) if args.json else markdown + f"wrote {Path(args.out)}/sweep.json, sweep.md, sweep.png\n", end="")
+    print(
+        dump_json(result)
+        if args.json
+        else markdown + f"wrote {Path(args.out)}/sweep.json, sweep.md, sweep.png\n",
+        end="",
+    )
     return 0

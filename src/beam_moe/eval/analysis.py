@@ -108,7 +108,9 @@ def analyze_routing(
         tokens = record.ids.shape[0]
         before = expert_load(record.ids, None, layer.num_experts, tokens)
         after = expert_load(record.ids, record.keep, layer.num_experts, tokens)
-        histogram += torch.bincount(record.keep.sum(dim=-1), minlength=top_k + 1)[: top_k + 1].float() / tokens
+        histogram += (
+            torch.bincount(record.keep.sum(dim=-1), minlength=top_k + 1)[: top_k + 1].float() / tokens
+        )
         layers.append(
             {
                 "name": layer.name,

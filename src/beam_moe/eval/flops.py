@@ -232,4 +232,6 @@ def measured_flops(model: nn.Module, per_layer: Mapping[str, float], *, mask_hea
     if unknown:
         raise BeamError(f"per-layer Avg-K for blocks this model does not have: {unknown[:3]}")
     source = getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
-    return flops_report(model_shapes(model), [per_layer.get(n) for n in names], mask_head=mask_head, source=source)
+    return flops_report(
+        model_shapes(model), [per_layer.get(n) for n in names], mask_head=mask_head, source=source
+    )

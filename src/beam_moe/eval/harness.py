@@ -2,7 +2,8 @@
 
 beam-moe ships two tasks built from held-out Wikipedia leads (tasks/README.md): `beam_wiki_ppl`
 (rolling log-likelihood) and `beam_wiki_cloze` (4-way multiple choice). More task folders can be
-added with `include_path`; tasks that need the Hugging Face Hub fail offline.
+added with `include_path`; lm-eval's built-in tasks are found too, but most need the Hugging
+Face Hub and fail offline.
 """
 
 from __future__ import annotations
@@ -51,7 +52,9 @@ def run_tasks(
     for path in paths[1:]:
         if not Path(path).exists():
             raise BeamError(f"task folder {path} does not exist")
-    manager = TaskManager(include_path=paths, verbosity="ERROR")
+    manager = TaskManager(include_path=paths, include_defaults=False, verbosity="ERROR")
+    if any(t not in manager.all_tasks for t in tasks):  # lm-eval's own tasks: indexing them takes seconds
+        manager = TaskManager(include_path=paths, verbosity="ERROR")
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         raise BeamError(

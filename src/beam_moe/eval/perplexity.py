@@ -52,7 +52,9 @@ class PerplexityResult:
         return asdict(self)
 
 
-def token_windows(tokenizer, texts: list[str], max_length: int, max_tokens: int | None = None) -> list[list[int]]:
+def token_windows(
+    tokenizer, texts: list[str], max_length: int, max_tokens: int | None = None
+) -> list[list[int]]:
     """The token stream of `texts` (each followed by EOS) cut into windows of `max_length`."""
     if max_length < 2:
         raise BeamError(f"max_length must be at least 2 tokens, got {max_length}")
@@ -100,7 +102,10 @@ def perplexity(
     try:
         with counting as stats:
             for batch in tqdm(
-                equal_length_batches(windows, batch_size), desc="perplexity", unit="batch", disable=not progress
+                equal_length_batches(windows, batch_size),
+                desc="perplexity",
+                unit="batch",
+                disable=not progress,
             ):
                 input_ids = torch.tensor(batch, device=device)
                 logits = model(input_ids=input_ids).logits[:, :-1].float()

@@ -10,7 +10,13 @@ from typing import Any
 from beam_moe.errors import BeamError
 
 _MARKERS = {"top_k": "s", "top_p": "^", "threshold": "v", "random": "x"}
-_COLORS = {"beam": "#d62728", "top_k": "#1f77b4", "top_p": "#2ca02c", "threshold": "#9467bd", "random": "#7f7f7f"}
+_COLORS = {
+    "beam": "#d62728",
+    "top_k": "#1f77b4",
+    "top_p": "#2ca02c",
+    "threshold": "#9467bd",
+    "random": "#7f7f7f",
+}
 _NAMES = {
     "top_k": "Top-K pruning",
     "top_p": "Top-P routing (MoE-Dynamic)",
@@ -28,6 +34,12 @@ def _figure(width: float, height: float):
     figure = Figure(figsize=(width, height), dpi=110, layout="constrained")
     FigureCanvasAgg(figure)
     return figure
+
+
+def _integer_ticks(axis) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    axis.set_major_locator(MaxNLocator(integer=True))
 
 
 def _save(figure, path: str | Path) -> Path:
@@ -68,10 +80,14 @@ def plot_sweep(result: Mapping[str, Any], path: str | Path) -> Path:
             label="BEAM adapters",
         )
         for p in beam:
-            axes.annotate(p["label"], (p["avg_k"], p["ppl"]), textcoords="offset points", xytext=(6, 6), fontsize=8)
+            axes.annotate(
+                p["label"], (p["avg_k"], p["ppl"]), textcoords="offset points", xytext=(6, 6), fontsize=8
+            )
     base = next((p for p in points if p["method"] == "base"), None)
     if base is not None:
-        axes.axhline(base["ppl"], color="black", linestyle="--", linewidth=1, label=f"base model (Top-{top_k})")
+        axes.axhline(
+            base["ppl"], color="black", linestyle="--", linewidth=1, label=f"base model (Top-{top_k})"
+        )
     values = [p["ppl"] for p in points if math.isfinite(p["ppl"])]
     if values and max(values) / max(min(values), 1e-12) > 20:
         axes.set_yscale("log")
@@ -90,8 +106,11 @@ def plot_avg_k_per_layer(summary: Mapping[str, Any], path: str | Path) -> Path:
     figure = _figure(max(5.0, 0.25 * len(layers) + 3), 4.0)
     axes = figure.add_subplot()
     axes.bar(range(len(layers)), [layer["avg_k"] for layer in layers], color="#1f77b4")
-    axes.axhline(summary["top_k"], color="black", linestyle="--", linewidth=1, label=f"Top-K = {summary['top_k']}")
+    axes.axhline(
+        summary["top_k"], color="black", linestyle="--", linewidth=1, label=f"Top-K = {summary['top_k']}"
+    )
     axes.axhline(summary["avg_k"], color="#d62728", linewidth=1, label=f"mean Avg-K = {summary['avg_k']:.2f}")
+    _integer_ticks(axes.xaxis)
     axes.set_xlabel("MoE layer (0 = closest to the input)")
     axes.set_ylabel("Avg-K (kept routed experts per token)")
     axes.set_ylim(0, summary["top_k"] * 1.15)
@@ -114,15 +133,19 @@ def plot_token_map(summary: Mapping[str, Any], path: str | Path) -> Path:
     layers, tokens = kept.shape
     figure = _figure(min(max(6.0, 0.22 * tokens + 2.5), 24.0), max(3.0, 0.22 * layers + 2.2))
     axes = figure.add_subplot()
-    image = axes.imshow(kept, aspect="auto", cmap="viridis", vmin=0, vmax=token_map["top_k"], interpolation="nearest")
+    image = axes.imshow(
+        kept, aspect="auto", cmap="viridis", vmin=0, vmax=token_map["top_k"], interpolation="nearest"
+    )
     colorbar = figure.colorbar(image, ax=axes)
     colorbar.set_label(f"kept experts (of Top-K = {token_map['top_k']})")
     if tokens <= 96:
-        axes.set_xticks(range(tokens), [_token_label(t) for t in token_map["tokens"]], rotation=90, fontsize=7)
+        axes.set_xticks(
+            range(tokens), [_token_label(t) for t in token_map["tokens"]], rotation=90, fontsize=7
+        )
         axes.set_xlabel("token (· marks a space)")
     else:
         axes.set_xlabel("token position")
-    axes.set_yticks(range(layers)) if layers <= 32 else None
+    _integer_ticks(axes.yaxis)
     axes.set_ylabel("MoE layer")
     axes.set_title("Kept experts per token along the first text")
     return _save(figure, path)
@@ -134,10 +157,19 @@ def plot_rank_keep_rate(summary: Mapping[str, Any], path: str | Path) -> Path:
     axes = figure.add_subplot()
     for i, layer in enumerate(summary["layers"]):
         rates = [100 * r for r in layer["keep_rate_by_rank"]]
-        axes.plot(range(1, len(rates) + 1), rates, color="#1f77b4", alpha=0.35, linewidth=1, label="one layer" if i == 0 else None)
+        axes.plot(
+            range(1, len(rates) + 1),
+            rates,
+            color="#1f77b4",
+            alpha=0.35,
+            linewidth=1,
+            label="each layer" if i == 0 else None,
+        )
     if summary.get("keep_rate_by_rank"):
         rates = [100 * r for r in summary["keep_rate_by_rank"]]
-        axes.plot(range(1, len(rates) + 1), rates, color="#d62728", marker="o", linewidth=2.5, label="all layers")
+        axes.plot(
+            range(1, len(rates) + 1), rates, color="#d62728", marker="o", linewidth=2.5, label="all layers"
+        )
     axes.set_xticks(range(1, summary["top_k"] + 1))
     axes.set_xlabel("rank in the router's Top-K (1 = highest router probability)")
     axes.set_ylabel("tokens that keep this expert (%)")
@@ -158,21 +190,38 @@ def plot_expert_load(summary: Mapping[str, Any], path: str | Path) -> Path:
     figure = _figure(13.0, max(3.6, 0.2 * len(layers) + 2.4))
     grid = figure.add_gridspec(1, 3, width_ratios=[1, 1, 0.7])
     vmax = float(before.max()) if before.size else 1.0
-    for column, (values, title) in enumerate(((before, "before masking (router Top-K)"), (after, "after masking (computed)"))):
+    for column, (values, title) in enumerate(
+        ((before, "before masking (router Top-K)"), (after, "after masking (computed)"))
+    ):
         axes = figure.add_subplot(grid[0, column])
         image = axes.imshow(values, aspect="auto", cmap="magma", vmin=0, vmax=vmax, interpolation="nearest")
         axes.set_title(f"Expert load {title}", fontsize=10)
+        _integer_ticks(axes.xaxis)
+        _integer_ticks(axes.yaxis)
         axes.set_xlabel("expert id")
         axes.set_ylabel("MoE layer")
     colorbar = figure.colorbar(image, ax=figure.axes[:2], location="bottom", shrink=0.6)
     colorbar.set_label("tokens routed to the expert (% of all tokens)")
     axes = figure.add_subplot(grid[0, 2])
     index = np.arange(len(layers))
-    axes.barh(index - 0.2, [layer["imbalance_before"] for layer in layers], height=0.4, label="before", color="#1f77b4")
-    axes.barh(index + 0.2, [layer["imbalance_after"] for layer in layers], height=0.4, label="after", color="#d62728")
+    axes.barh(
+        index - 0.2,
+        [layer["imbalance_before"] for layer in layers],
+        height=0.4,
+        label="before",
+        color="#1f77b4",
+    )
+    axes.barh(
+        index + 0.2,
+        [layer["imbalance_after"] for layer in layers],
+        height=0.4,
+        label="after",
+        color="#d62728",
+    )
     axes.axvline(1.0, color="black", linewidth=1, linestyle="--")
     axes.invert_yaxis()
-    axes.set_xlabel("load imbalance (max / mean; 1 = balanced)")
+    _integer_ticks(axes.yaxis)
+    axes.set_xlabel("max / mean load (1 = balanced)")
     axes.set_ylabel("MoE layer")
     axes.set_title("Imbalance per layer", fontsize=10)
     axes.legend(fontsize=8)

@@ -57,7 +57,9 @@ def sweep_point(
     return _point(model, result, method, label, param)
 
 
-def _point(model: nn.Module, result: PerplexityResult, method: str, label: str, param: float | None) -> SweepPoint:
+def _point(
+    model: nn.Module, result: PerplexityResult, method: str, label: str, param: float | None
+) -> SweepPoint:
     flops = measured_flops(model, result.per_layer, mask_head=method == "beam")
     return SweepPoint(
         method=method,
@@ -115,7 +117,9 @@ def sweep(
 
     results: list[SweepPoint] = []
     set_routing_policy(model, get_baseline("top_k").policy(top_k, top_k))
-    results.append(sweep_point(model, tokenizer, texts, "base", f"Top-{top_k} (base)", float(top_k), **kwargs))
+    results.append(
+        sweep_point(model, tokenizer, texts, "base", f"Top-{top_k} (base)", float(top_k), **kwargs)
+    )
     set_routing_policy(model, None)
     log(f"base: ppl {results[-1].ppl:.4g}")
     beam_points = []
@@ -133,7 +137,11 @@ def sweep(
     matched = []
     if match:
         for beam_point in beam_points:
-            row: dict[str, Any] = {"target_avg_k": beam_point.avg_k, "beam": beam_point.to_dict(), "baselines": {}}
+            row: dict[str, Any] = {
+                "target_avg_k": beam_point.avg_k,
+                "beam": beam_point.to_dict(),
+                "baselines": {},
+            }
             for name in grids:
                 found = calibrate(
                     model,
@@ -147,7 +155,9 @@ def sweep(
                     seed=seed,
                 )
                 result = measure(model, tokenizer, texts, name, found.param, seed, **kwargs)
-                point = _point(model, result, name, f"{get_baseline(name).param}={found.param:.4g}", found.param)
+                point = _point(
+                    model, result, name, f"{get_baseline(name).param}={found.param:.4g}", found.param
+                )
                 row["baselines"][name] = {**point.to_dict(), "calibration": found.to_dict()}
                 log(f"{name} matched to {beam_point.avg_k:.3f}: {found.param:.4g}, ppl {point.ppl:.4g}")
             matched.append(row)

@@ -38,12 +38,16 @@ def read_texts(source: TextSource, *, text_key: str = "text", limit: int | None 
 
 def _read_file(path: Path, text_key: str) -> list[str]:
     if not path.exists():
-        raise BeamError(f"{path} does not exist (expected a .jsonl file with a {text_key!r} field or a .txt file)")
+        raise BeamError(
+            f"{path} does not exist (expected a .jsonl file with a {text_key!r} field or a .txt file)"
+        )
     if not path.is_file():
         raise BeamError(f"{path} is not a file")
     suffix = path.suffix.lower()
     if suffix not in (".jsonl", ".txt"):
-        raise BeamError(f"{path}: unsupported file type {suffix or '(none)'!r}; use .jsonl (one JSON object per line) or .txt")
+        raise BeamError(
+            f"{path}: unsupported file type {suffix or '(none)'!r}; use .jsonl (one JSON object per line) or .txt"
+        )
     try:
         content = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
