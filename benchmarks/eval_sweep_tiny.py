@@ -21,6 +21,7 @@ import json
 import os
 import platform
 import random
+import tempfile
 import time
 from pathlib import Path
 
@@ -60,6 +61,8 @@ def pretrain(model, tokenizer, texts, steps: int, seed: int) -> list[float]:
         optimizer.step()
         schedule.step()
         losses.append(loss.item())
+        if len(losses) % 50 == 0:
+            print(f"pretrain step {len(losses)}/{steps}: loss {sum(losses[-50:]) / 50:.3f}", flush=True)
     model.eval()
     return losses
 
@@ -115,13 +118,14 @@ def main() -> None:
     pretrain_s = time.perf_counter() - started
     attach(model, BeamConfig())
 
-    with atomic_directory(args.out) as staging:
+    with atomic_directory(args.out) as staging, tempfile.TemporaryDirectory() as scratch:
         adapters = []
         for i, beta in enumerate(float(b) for b in args.betas.split(",")):
             for p in mask_parameters(model):
                 torch.nn.init.zeros_(p)
-            train_masks(model, tokenizer, texts, beta, args.mask_steps, seed=10 + i)
-            path = staging / "adapters" / f"beta_{beta:g}"
+            loss = train_masks(model, tokenizer, texts, beta, args.mask_steps, seed=10 + i)
+            print(f"mask heads, beta {beta:g}: last loss {loss:.3f}", flush=True)
+            path = Path(scratch) / f"beta_{beta:g}"  # useless without the base model, which is not kept
             save_beam(model, path, extra={"beta": beta, "steps": args.mask_steps})
             adapters.append(path)
         sweep_started = time.perf_counter()
@@ -137,7 +141,7 @@ def main() -> None:
             progress=True,
         )
         sweep_s = time.perf_counter() - sweep_started
-        result["config"]["adapters"] = [f"adapters/{p.name}" for p in adapters]
+        result["config"]["adapters"] = [p.name for p in adapters]
         result["setup"] = {
             "model": "qwen3_moe, byte vocab 261, hidden 128, 4 layers, 16 experts, top-4, expert inter. 64",
             "pretrain_steps": args.pretrain_steps,

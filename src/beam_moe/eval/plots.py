@@ -50,12 +50,30 @@ def _save(figure, path: str | Path) -> Path:
 
 def plot_sweep(result: Mapping[str, Any], path: str | Path) -> Path:
     """Perplexity against Avg-K: BEAM adapters as points, each baseline as a curve (its grid and its
-    matched points), the base model as a line."""
+    matched points), the base model as a line. Left: every point; right: zoomed on the range near
+    the base model, where the methods differ most usefully."""
     matched = [point for row in result.get("matched", []) for point in row["baselines"].values()]
     points = [*result["points"], *matched]
     top_k = result["config"]["top_k"]
-    figure = _figure(7.5, 5.0)
-    axes = figure.add_subplot()
+    figure = _figure(13.0, 5.0)
+    full, zoom = figure.add_subplot(1, 2, 1), figure.add_subplot(1, 2, 2)
+    for axes in (full, zoom):
+        _draw_sweep(axes, points, top_k)
+    values = [p["ppl"] for p in points if math.isfinite(p["ppl"])]
+    if values and max(values) / max(min(values), 1e-12) > 20:
+        full.set_yscale("log")
+    base = next((p["ppl"] for p in points if p["method"] == "base"), min(values) if values else 1.0)
+    beam = [p["ppl"] for p in points if p["method"] == "beam" and math.isfinite(p["ppl"])]
+    top = 1.15 * max(beam) if beam else 1.25 * base
+    zoom.set_ylim(0.98 * min([base, *beam]), max(top, 1.02 * base))
+    full.set_title("All points")
+    zoom.set_title("Near the base model (zoom)")
+    full.legend(fontsize=8)
+    figure.suptitle("Quality against compute: BEAM and baselines at equal Avg-K")
+    return _save(figure, path)
+
+
+def _draw_sweep(axes, points: list[Mapping[str, Any]], top_k: int) -> None:
     for name in dict.fromkeys(p["method"] for p in points if p["method"] not in ("base", "beam")):
         curve = sorted((p for p in points if p["method"] == name), key=lambda p: p["avg_k"])
         axes.plot(
@@ -88,16 +106,10 @@ def plot_sweep(result: Mapping[str, Any], path: str | Path) -> Path:
         axes.axhline(
             base["ppl"], color="black", linestyle="--", linewidth=1, label=f"base model (Top-{top_k})"
         )
-    values = [p["ppl"] for p in points if math.isfinite(p["ppl"])]
-    if values and max(values) / max(min(values), 1e-12) > 20:
-        axes.set_yscale("log")
     axes.set_xlim(-0.1, top_k + 0.1)
     axes.set_xlabel(f"Avg-K: routed experts computed per token (of Top-K = {top_k})")
     axes.set_ylabel("perplexity on the evaluation text (lower is better)")
-    axes.set_title("Quality against compute: BEAM and baselines at equal Avg-K")
     axes.grid(True, alpha=0.3)
-    axes.legend(fontsize=8)
-    return _save(figure, path)
 
 
 def plot_avg_k_per_layer(summary: Mapping[str, Any], path: str | Path) -> Path:
@@ -133,11 +145,15 @@ def plot_token_map(summary: Mapping[str, Any], path: str | Path) -> Path:
     layers, tokens = kept.shape
     figure = _figure(min(max(6.0, 0.22 * tokens + 2.5), 24.0), max(3.0, 0.22 * layers + 2.2))
     axes = figure.add_subplot()
+    from matplotlib import colormaps
+
+    top_k = token_map["top_k"]
+    levels = colormaps["viridis"].resampled(top_k + 1)  # one colour per whole number of experts
     image = axes.imshow(
-        kept, aspect="auto", cmap="viridis", vmin=0, vmax=token_map["top_k"], interpolation="nearest"
+        kept, aspect="auto", cmap=levels, vmin=-0.5, vmax=top_k + 0.5, interpolation="nearest"
     )
-    colorbar = figure.colorbar(image, ax=axes)
-    colorbar.set_label(f"kept experts (of Top-K = {token_map['top_k']})")
+    colorbar = figure.colorbar(image, ax=axes, ticks=range(top_k + 1))
+    colorbar.set_label(f"kept experts (of Top-K = {top_k})")
     if tokens <= 96:
         axes.set_xticks(
             range(tokens), [_token_label(t) for t in token_map["tokens"]], rotation=90, fontsize=7
