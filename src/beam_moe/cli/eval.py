@@ -26,7 +26,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("path", metavar="O", help="BEAM adapter folder, or a transformers model folder")
     parser.add_argument("--ppl", metavar="FILE", help="text for perplexity: .jsonl (field 'text') or .txt")
     parser.add_argument(
-        "--tasks", nargs="+", metavar="TASK", help="lm-eval tasks (shipped: beam_wiki_ppl beam_wiki_cloze)"
+        "--tasks",
+        nargs="+",
+        metavar="TASK",
+        help="lm-eval tasks, space- or comma-separated (shipped: beam_wiki_ppl beam_wiki_cloze)",
     )
     parser.add_argument("--include-path", action="append", default=[], help="extra lm-eval task folder")
     parser.add_argument("--limit", type=float, help="lm-eval: documents per task (or a fraction)")
@@ -70,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         harness = run_tasks(
             model,
             tokenizer,
-            args.tasks,
+            [task for arg in args.tasks for task in arg.split(",") if task],
             include_path=args.include_path,
             limit=limit,
             num_fewshot=args.num_fewshot,
