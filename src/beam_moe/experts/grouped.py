@@ -22,7 +22,9 @@ def grouped_experts(w: ExpertWeights, hidden: Tensor, ids: Tensor, weights: Tens
     num_tokens, top_k = ids.shape
     num_experts = w.num_experts
     flat_ids = ids.reshape(-1)
-    order = torch.argsort(flat_ids, stable=True)
+    # torch.sort as transformers' grouped_mm experts do: with nothing masked, the GEMMs see the same
+    # rows in the same order, so a fresh adapter reproduces the base model bit for bit.
+    order = torch.sort(flat_ids).indices
     counts = torch.bincount(flat_ids, minlength=num_experts + 1)[:num_experts]
     offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
     num_rows = int(offsets[-1])
