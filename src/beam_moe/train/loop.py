@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -48,6 +49,7 @@ class TrainResult:
     tokens: int
     metrics: dict[str, Any] = field(default_factory=dict)
     elapsed_s: float = 0.0
+    main_process: bool = True
 
 
 def warmup_cosine(total: int, warmup: int, min_ratio: float) -> Callable[[int], float]:
@@ -78,7 +80,10 @@ class Trainer:
         self.config = config
         self.on_step = on_step
         self.output = check_output(config)
-        self.accelerator = Accelerator()
+        # Several processes on a machine without CUDA (`accelerate launch --multi_gpu` or torchrun
+        # on CPUs): accelerate runs multi-CPU DDP over gloo only when asked for the CPU.
+        multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+        self.accelerator = Accelerator(cpu=multi_cpu)
         self.rank = self.accelerator.process_index
         self.world = self.accelerator.num_processes
         self.is_main = self.accelerator.is_main_process
@@ -337,7 +342,7 @@ class Trainer:
         finally:
             progress.close()
             metrics.close()
-        return TrainResult(self.output, step, tokens, final, time.perf_counter() - started)
+        return TrainResult(self.output, step, tokens, final, time.perf_counter() - started, self.is_main)
 
     def _write_output(self, final: dict[str, Any], steps: int, tokens: int) -> None:
         config = self.config
