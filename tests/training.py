@@ -9,10 +9,34 @@ import torch
 from beam_moe import attach, detach
 from beam_moe.tiny_models import byte_tokenizer, save_tiny, tiny_model
 
-WORDS = (
-    "the a cat dog bird fish sat ran flew swam on under over near mat tree roof pond "
-    "quickly slowly today again red blue small big"
-).split()
+WORDS = [
+    "the",
+    "a",
+    "cat",
+    "dog",
+    "bird",
+    "fish",
+    "sat",
+    "ran",
+    "flew",
+    "swam",
+    "on",
+    "under",
+    "over",
+    "near",
+    "mat",
+    "tree",
+    "roof",
+    "pond",
+    "quickly",
+    "slowly",
+    "today",
+    "again",
+    "red",
+    "blue",
+    "small",
+    "big",
+]
 # Top-4 of 8 experts: the setting of the budget test.
 TOP4 = dict(num_experts=8, num_experts_per_tok=4)
 
@@ -51,9 +75,7 @@ def pretrained_model_dir(path: Path, steps: int = 80, seed: int = 0) -> Path:
     tokenizer = byte_tokenizer()
     ids = tokenizer("\n".join(sentences(400, seed=123)))["input_ids"]
     blocks = torch.tensor(ids[: len(ids) // 64 * 64]).view(-1, 64)
-    optimizer = torch.optim.AdamW(
-        [p for n, p in model.named_parameters() if "beam_mask" not in n], lr=3e-3
-    )
+    optimizer = torch.optim.AdamW([p for n, p in model.named_parameters() if "beam_mask" not in n], lr=3e-3)
     generator = torch.Generator().manual_seed(seed)
     model.train()
     for _ in range(steps):
