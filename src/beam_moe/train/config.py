@@ -17,7 +17,15 @@ DTYPES = ("fp32", "bf16")
 # Learning rate of the model's own weights when --model-lr is not given, per --train mode.
 DEFAULT_MODEL_LR = {"mask+router": 1e-4, "full": 1e-5, "lora": 2e-4}
 # Fields that may differ between a run and its --resume without changing what is computed.
-RESUME_FREE = ("resume", "overwrite", "progress", "tensorboard", "save_every", "keep_checkpoints")
+RESUME_FREE = (
+    "resume",
+    "overwrite",
+    "progress",
+    "tensorboard",
+    "save_every",
+    "keep_checkpoints",
+    "eval_every",
+)
 
 
 @dataclass

@@ -127,7 +127,6 @@ class Trainer:
             # Non-reentrant: the reentrant variant runs the first forward under no_grad, so the
             # mask probabilities stored for the regulariser would carry no gradient.
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            self.model.config.use_cache = False
         self.trainable = select_trainable(self.model, config.train, config.lora_rank, config.lora_alpha)
         optimizer = torch.optim.AdamW(
             self.trainable.param_groups(config.lr, config.effective_model_lr, config.weight_decay)
@@ -162,7 +161,7 @@ class Trainer:
             last = i == len(micro_batches) - 1
             with contextlib.nullcontext() if last else self.accelerator.no_sync(self.run_model):
                 teacher = self.objective.teacher_logits(self.run_model, self.model, batch)
-                extra = {"output_router_logits": True} if self.balance else {}
+                extra = {"use_cache": False, **({"output_router_logits": True} if self.balance else {})}
                 out = self.run_model(
                     input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **extra
                 )
@@ -230,7 +229,7 @@ class Trainer:
                 batch = self._to_device(blocks.batch(batches[min(b, len(batches) - 1)]))
                 teacher = Objective("distill").teacher_logits(self.run_model, self.model, batch)
                 logits = self.run_model(
-                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
                 ).logits
                 kept, tokens = masked_kept(self.model, batch["attention_mask"])
                 losses = Objective("distill").sums(logits, teacher, batch["labels"])

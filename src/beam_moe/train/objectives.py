@@ -86,7 +86,8 @@ class Objective:
         model.eval()
         try:
             with torch.no_grad(), masks_off(attached):
-                return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                ids, attention = batch["input_ids"], batch["attention_mask"]
+                return model(input_ids=ids, attention_mask=attention, use_cache=False).logits
         finally:
             model.train(was_training)
 

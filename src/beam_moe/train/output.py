@@ -59,7 +59,10 @@ def check_output(config: TrainConfig) -> Path:
             raise BeamError(
                 f"nothing to resume in {path}: no {TRAINING_ARGS} or no checkpoints/step-* folder"
             )
-        saved = json.loads((path / TRAINING_ARGS).read_text())
+        try:
+            saved = json.loads((path / TRAINING_ARGS).read_text())
+        except json.JSONDecodeError as e:
+            raise BeamError(f"{path / TRAINING_ARGS} is not valid JSON ({e.msg}); cannot resume") from e
         differences = config.resume_mismatch(saved)
         if differences:
             raise BeamError(
