@@ -142,8 +142,13 @@ def write_result(
     if kind is not None:
         extra = {**extra, "model_weights": {"kind": kind[0], "path": kind[1]}}
     if config.train == "mask+router":
-        router = get_attachment(model).family.router_attr
-        routers = {k: v for k, v in trained.items() if f".{router}." in k and ".beam_mask." not in k}
+        attachment = get_attachment(model)
+        names = {
+            f"{layer.name}.{attachment.family.router_attr}.{name}"
+            for layer in attachment.layers
+            for name, _ in layer.router.named_parameters()
+        }
+        routers = {k: v for k, v in trained.items() if k in names}
         staging = path / f".{ROUTERS_FILE}.tmp"
         save_file(routers, staging)
         staging.replace(path / ROUTERS_FILE)
