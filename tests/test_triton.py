@@ -1,0 +1,116 @@
+"""The Triton kernel, run by triton's CPU interpreter (TRITON_INTERPRET=1), against a float64 reference."""
+
+import pytest
+import torch
+
+from beam_moe import BeamError
+from beam_moe.experts import ExpertWeights, get_backend
+from beam_moe.experts import triton as triton_backend
+from beam_moe.experts.triton import align_kept_pairs, block_config, is_swiglu
+from test_grouped import experts_of, float64_reference, masked_routing, relative_error
+
+pytest.importorskip("triton")
+
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+
+
+@pytest.fixture
+def interpret(monkeypatch):
+    """Run kernels in triton's interpreter (read when a kernel is built; built per mode)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture
+def poisoned_intermediate(monkeypatch):
+    """Fill the kernel's intermediate buffer with NaN: a row read before it is written shows up."""
+
+    def nan_buffer(*shape, dtype, device):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(triton_backend, "_intermediate_buffer", nan_buffer)
+
+
+def small_experts(dtype):
+    # Sizes that are not multiples of the tiles, so the masked edges of every tile are exercised.
+    return experts_of("qwen3_moe", dtype=dtype, hidden_size=80, moe_intermediate_size=40, num_experts=6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [1, 7, 64, 300])
+def test_kernel_matches_float64_reference(interpret, poisoned_intermediate, dtype, tokens):
+    experts = small_experts(dtype)
+    hidden, ids, weights, keep = masked_routing(
+        experts, tokens, 3, seed=100 + tokens, dtype=dtype, kept_share=0.6
+    )
+    with torch.no_grad():
+        out, rows = get_backend("triton")(ExpertWeights.of(experts), hidden, ids, weights)
+    assert out.dtype == dtype and out.shape == hidden.shape
+    assert int(rows) == int(keep.sum())
+    assert torch.all(out[0] == 0), "a token with every expert masked gets exactly zero"
+    if keep.any():
+        assert torch.isfinite(out).all()
+        assert relative_error(out, float64_reference(experts, hidden, ids, weights)) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_expert_masked_computes_nothing(interpret, dtype):
+    experts = small_experts(dtype)
+    hidden, ids, weights, _ = masked_routing(experts, 7, 3, seed=7, dtype=dtype)
+    sentinel = torch.full_like(ids, experts.num_experts)
+    with torch.no_grad():
+        out, rows = get_backend("triton")(ExpertWeights.of(experts), hidden, sentinel, weights)
+    assert int(rows) == 0
+    assert torch.equal(out, torch.zeros_like(hidden))
+
+
+def test_alignment_drops_masked_pairs():
+    generator = torch.Generator().manual_seed(0)
+    num_experts, block_m = 5, 4
+    ids = torch.randint(0, num_experts + 1, (23, 3), generator=generator)  # id 5 = masked
+    aligned = align_kept_pairs(ids, num_experts, block_m)
+    num_pairs = ids.numel()
+    used = int(aligned.num_padded)
+    assert used % block_m == 0
+    rows = aligned.sorted_pairs[:used]
+    real = rows[rows < num_pairs]
+    kept = (ids.reshape(-1) < num_experts).nonzero().flatten()
+    assert sorted(real.tolist()) == kept.tolist(), "every kept pair exactly once, no masked pair"
+    assert int(aligned.num_kept) == kept.numel()
+    assert torch.all(aligned.sorted_pairs[used:] == num_pairs)
+    for b in range(used // block_m):
+        block = rows[b * block_m : (b + 1) * block_m]
+        members = block[block < num_pairs]
+        assert members.numel() > 0, "no block is padding only"
+        assert torch.all(ids.reshape(-1)[members.long()] == aligned.block_expert[b])
+    assert torch.all(aligned.block_expert[used // block_m :] == -1)
+    counts = torch.bincount(ids.reshape(-1), minlength=num_experts + 1)[:num_experts]
+    assert used == int(((counts + block_m - 1) // block_m * block_m).sum())
+
+
+def test_non_swiglu_experts_fall_back_to_grouped(interpret):
+    experts = experts_of("gpt_oss")
+    assert not is_swiglu(ExpertWeights.of(experts))
+    assert is_swiglu(ExpertWeights.of(small_experts(torch.float32)))
+    hidden, ids, weights, _ = masked_routing(experts, 5, 2, seed=9)
+    with torch.no_grad():
+        out, _ = get_backend("triton")(ExpertWeights.of(experts), hidden, ids, weights)
+    assert relative_error(out, float64_reference(experts, hidden, ids, weights)) < 1e-5
+
+
+def test_interpreter_is_what_ran(interpret):
+    from triton.runtime.interpreter import InterpretedFunction
+
+    assert all(isinstance(k, InterpretedFunction) for k in triton_backend._kernels(True))
+
+
+def test_block_config_grows_with_the_batch():
+    assert block_config(8, torch.bfloat16).block_m == 16
+    assert block_config(4096, torch.bfloat16).block_m == 64
+
+
+def test_unavailable_without_a_gpu_or_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(BeamError, match="'triton' cannot run here"):
+        get_backend("triton")
