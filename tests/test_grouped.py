@@ -142,3 +142,15 @@ def test_deterministic_combine_equals_index_add():
     got = combine_rows_deterministic(y * row_weights.unsqueeze(-1), pairs, hidden)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
     assert torch.all(got[1] == 0)
+
+
+def test_host_and_tensor_sorts_agree():
+    from beam_moe.experts.grouped import SMALL_ROUTING, _sort_on_host
+
+    generator = torch.Generator().manual_seed(6)
+    ids = torch.randint(0, 9, (SMALL_ROUTING // 4 + 5, 4), generator=generator)  # 8 = masked
+    on_device, on_host = sort_kept_pairs(ids, 8), _sort_on_host(ids, 8)
+    assert torch.equal(on_device.order, on_host.order)
+    assert torch.equal(on_device.tokens, on_host.tokens)
+    assert on_device.spans == on_host.spans
+    assert torch.equal(on_device.counts, on_host.counts)

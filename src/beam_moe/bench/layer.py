@@ -156,6 +156,11 @@ def _fixed_mask(layer: BeamMoELayer, keep: Tensor) -> Callable[[Tensor, Tensor, 
     return policy
 
 
+def _sig(value: float, digits: int = 5) -> float:
+    """`value` to `digits` significant digits (times span microseconds to seconds)."""
+    return float(f"{value:.{digits}g}")
+
+
 def _max_relative_error(out: Tensor, ref: Tensor) -> float:
     out, ref = out.double(), ref.double()
     return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
@@ -175,9 +180,12 @@ def bench_layer(
     budget_s: float = 30.0,
     max_gather_gb: float = 2.0,
     seed: int = 0,
+    limits: MachineLimits | None = None,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Measure one MoE layer of `preset` at each token count; returns the result document."""
+    """Measure one MoE layer of `preset` at each token count; returns the result document.
+
+    `limits` are measured here unless given (tests pass small measurements)."""
     log = log or (lambda message: print(message, file=sys.stderr, flush=True))
     device = torch.device(device)
     if not 0 < avg_k <= preset.top_k:
@@ -192,8 +200,9 @@ def bench_layer(
     for name in compare_backends or []:
         get_backend(name, device)
     machine = describe_machine(device)
-    log(f"measuring the machine ({device}) ...")
-    limits = measure_limits(device, dtype)
+    if limits is None:
+        log(f"measuring the machine ({device}) ...")
+        limits = measure_limits(device, dtype)
     log(
         f"copy {limits.copy_gbs:.1f} GB/s, read {limits.read_gbs:.1f} GB/s, GEMM {limits.gemm_tflops * 1e3:.0f} GFLOP/s"
     )
@@ -301,27 +310,27 @@ def _bench_tokens(
     row: dict[str, Any] = {
         "tokens": tokens,
         "kept_pairs": kept,
-        "hf_topk_ms": round(hf_ms[hf_impl], 4),
+        "hf_topk_ms": _sig(hf_ms[hf_impl]),
         "hf_impl": hf_impl,
-        "beam_keepall_ms": round(medians["beam_keepall"] * 1e3, 4),
-        "beam_ms": round(beam_ms, 4),
-        "floor_ms": round(floor_ms, 4),
-        "speedup_vs_hf": round(hf_ms[hf_impl] / beam_ms, 3),
-        "ideal_speedup": round(floor_topk_ms / floor_ms, 3),
-        "fraction_of_floor": round(beam_ms / floor_ms, 3),
-        "keepall_vs_hf": round(medians["beam_keepall"] * 1e3 / hf_ms[hf_impl], 3),
-        "hf_ms": {name: round(v, 4) for name, v in hf_ms.items()},
+        "beam_keepall_ms": _sig(medians["beam_keepall"] * 1e3),
+        "beam_ms": _sig(beam_ms),
+        "floor_ms": _sig(floor_ms),
+        "speedup_vs_hf": _sig(hf_ms[hf_impl] / beam_ms),
+        "ideal_speedup": _sig(floor_topk_ms / floor_ms),
+        "fraction_of_floor": _sig(beam_ms / floor_ms),
+        "keepall_vs_hf": _sig(medians["beam_keepall"] * 1e3 / hf_ms[hf_impl]),
+        "hf_ms": {name: _sig(v) for name, v in hf_ms.items()},
         "hf_skipped": skipped,
-        "floor_topk_ms": round(floor_topk_ms, 4),
-        "floor_bytes_ms": round(statistics.median(f["bytes"] for f in floors) * 1e3, 4),
-        "floor_flops_ms": round(statistics.median(f["flops"] for f in floors) * 1e3, 4),
-        "floor_read_bw_ms": round(statistics.median(f["read_floor"] for f in floors) * 1e3, 4),
+        "floor_topk_ms": _sig(floor_topk_ms),
+        "floor_bytes_ms": _sig(statistics.median(f["bytes"] for f in floors) * 1e3),
+        "floor_flops_ms": _sig(statistics.median(f["flops"] for f in floors) * 1e3),
+        "floor_read_bw_ms": _sig(statistics.median(f["read_floor"] for f in floors) * 1e3),
         "experts_read_topk": statistics.median(int(torch.unique(s.ids).numel()) for s in samples),
         "experts_read_beam": statistics.median(int(torch.unique(s.ids[s.keep]).numel()) for s in samples),
         **checks,
     }
     for name in compare_backends:
-        row[f"beam_{name}_ms"] = round(medians[f"beam_{name}"] * 1e3, 4)
+        row[f"beam_{name}_ms"] = _sig(medians[f"beam_{name}"] * 1e3)
     return row
 
 

@@ -34,10 +34,18 @@ def _median_seconds(fn, device: torch.device, repeats: int) -> float:
     return statistics.median(time_call(fn, device) for _ in range(repeats))
 
 
-def measure_limits(device: torch.device, dtype: torch.dtype, repeats: int = 7) -> MachineLimits:
-    nbytes = (1 << 30) if device.type == "cuda" else (512 << 20)
+def measure_limits(
+    device: torch.device,
+    dtype: torch.dtype,
+    repeats: int = 7,
+    nbytes: int | None = None,
+    gemm_size: int | None = None,
+) -> MachineLimits:
+    """Both ceilings; the defaults (a 512 MiB copy and a 2048^3 GEMM on the CPU, 1 GiB and 8192^3
+    on a GPU) are far larger than any cache and long enough to time."""
+    nbytes = nbytes or ((1 << 30) if device.type == "cuda" else (512 << 20))
     copy_s, read_s = _stream_seconds(nbytes, device, repeats)
-    n = 8192 if device.type == "cuda" else 2048
+    n = gemm_size or (8192 if device.type == "cuda" else 2048)
     gemm_s = _gemm_seconds(n, device, dtype, repeats)
     return MachineLimits(
         copy_gbs=2 * nbytes / copy_s / 1e9,

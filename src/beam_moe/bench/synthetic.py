@@ -152,7 +152,7 @@ def with_experts_implementation(config, implementation: str):
 
 def build_test_model(
     output: str | Path,
-    preset: str = "qwen3-30b-a3b",
+    preset: MoEPreset | str = "qwen3-30b-a3b",
     num_layers: int = 4,
     avg_k: float = 1.23,
     dtype: torch.dtype = torch.bfloat16,
@@ -168,9 +168,11 @@ def build_test_model(
     """
     from transformers import AutoModelForCausalLM
 
-    spec = get_preset(preset)
+    spec = get_preset(preset) if isinstance(preset, str) else preset
     if not 0 < avg_k <= spec.top_k:
-        raise BeamError(f"--avg-k must lie in (0, {spec.top_k}] for {preset} (Top-{spec.top_k}), got {avg_k}")
+        raise BeamError(
+            f"--avg-k must lie in (0, {spec.top_k}] for {spec.name} (Top-{spec.top_k}), got {avg_k}"
+        )
     if num_layers < 1:
         raise BeamError(f"--layers must be at least 1, got {num_layers}")
     torch.manual_seed(seed)
@@ -191,13 +193,13 @@ def build_test_model(
             model,
             staging / "adapter",
             extra={
-                "synthetic": {"preset": preset, "layers": num_layers, "target_avg_k": avg_k, "seed": seed}
+                "synthetic": {"preset": spec.name, "layers": num_layers, "target_avg_k": avg_k, "seed": seed}
             },
         )
     return {
         "base": str(output / "base"),
         "adapter": str(output / "adapter"),
-        "preset": preset,
+        "preset": spec.name,
         "layers": num_layers,
         "target_avg_k": avg_k,
         "calibrated_avg_k": per_layer,

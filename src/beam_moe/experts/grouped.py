@@ -5,18 +5,18 @@ rows are gathered, and only they enter the two GEMMs (gate/up, then down), with 
 (SwiGLU and friends) between them. The routed weight scales each row, and the rows are summed back
 into their tokens. Expert weights are read in place (views, never copies).
 
-Two ways to run the GEMMs, picked by size:
+Two ways to run the GEMMs:
 - `grouped_mm` (torch's grouped GEMM over all E groups, empty groups skipped): no Python loop,
-  autograd, and on CUDA no per-expert launches;
+  autograd, and on CUDA no per-expert launches or host syncs inside;
 - on the CPU, a loop over the experts that have kept rows, each a plain matmul written in place.
-  torch's CPU grouped GEMM still visits every one of the E groups, which costs more than the
-  GEMMs themselves when few experts are kept (decode); the loop reads only the kept experts'
-  weights, so time follows the bytes.
+  torch's CPU grouped GEMM is itself a loop over all E groups (a slice, a select and an empty
+  matmul for each expert without rows), which costs more than the GEMMs when few experts are
+  kept (decode); the loop touches only the kept experts, so time follows their bytes.
+Decode-sized routings (at most SMALL_ROUTING pairs) are sorted with Python lists: the fixed cost
+of a dozen tiny tensor ops is a visible share of a one-expert decode step.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -24,44 +24,101 @@ from torch.nn import functional as F
 
 from beam_moe.experts.weights import ExpertWeights
 
-LOOP_MAX_EXPERTS = 128
-"""On the CPU, loop over the kept experts when at most this many have rows (see benchmarks/NOTES-kernels.md)."""
+SMALL_ROUTING = 256
+"""Sort routings of at most this many (token, slot) pairs on the host (decode): fewer tensor ops."""
 
 
 def grouped_mm_available() -> bool:
     return hasattr(F, "grouped_mm")
 
 
-@dataclass
 class KeptPairs:
     """The kept (token, slot) pairs of a routing, sorted by expert.
 
     order:    [S] flat pair indices (token * K + slot), expert-major; S = kept pairs.
     tokens:   [S] the token of each row.
-    counts:   [E] kept rows per expert.
-    offsets:  [E] int32 running end of each expert's rows (grouped_mm's `offs`).
-    num_rows: S.
-    top_k:    K, the slots per token.
+    counts:   [E] kept rows per expert; offsets: [E] int32 running ends (grouped_mm's `offs`).
+    spans:    (expert, first row, end row) of every expert that has rows (host side).
     """
 
-    order: Tensor
-    tokens: Tensor
-    counts: Tensor
-    offsets: Tensor
-    num_rows: int
-    top_k: int
+    def __init__(
+        self,
+        order: Tensor,
+        num_experts: int,
+        top_k: int,
+        *,
+        counts: Tensor | None = None,
+        spans: list[tuple[int, int, int]] | None = None,
+        tokens: Tensor | None = None,
+    ) -> None:
+        self.order = order
+        self.num_rows = order.numel()
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.tokens = order // top_k if tokens is None else tokens
+        self._counts = counts
+        self._spans = spans
+
+    @property
+    def counts(self) -> Tensor:
+        if self._counts is None:
+            counts = [0] * self.num_experts
+            for expert, start, end in self.spans:
+                counts[expert] = end - start
+            self._counts = torch.tensor(counts, device=self.order.device)
+        return self._counts
+
+    @property
+    def offsets(self) -> Tensor:
+        return torch.cumsum(self.counts, dim=0, dtype=torch.int32)
+
+    @property
+    def spans(self) -> list[tuple[int, int, int]]:
+        if self._spans is None:
+            spans, start = [], 0
+            for expert, count in enumerate(self.counts.tolist()):
+                if count:
+                    spans.append((expert, start, start + count))
+                    start += count
+            self._spans = spans
+        return self._spans
+
+    def row_experts(self) -> Tensor:
+        """[S] the expert of each row."""
+        experts = torch.arange(self.num_experts, device=self.order.device)
+        return torch.repeat_interleave(experts, self.counts)
 
 
 def sort_kept_pairs(ids: Tensor, num_experts: int) -> KeptPairs:
     """One sort of the flat ids; masked pairs (ids >= E) land after every kept pair and are dropped."""
     top_k = ids.shape[1]
+    if ids.device.type == "cpu" and ids.numel() <= SMALL_ROUTING:
+        return _sort_on_host(ids, num_experts)
     flat_ids = ids.reshape(-1)
     order = torch.argsort(flat_ids, stable=True)
     counts = torch.bincount(flat_ids, minlength=num_experts + 1)[:num_experts]
-    offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
-    num_rows = int(offsets[-1])
-    order = order[:num_rows]
-    return KeptPairs(order, order // top_k, counts, offsets, num_rows, top_k)
+    num_rows = int(counts.sum())
+    return KeptPairs(order[:num_rows], num_experts, top_k, counts=counts)
+
+
+def _sort_on_host(ids: Tensor, num_experts: int) -> KeptPairs:
+    """The same sort as Python lists: a few microseconds instead of a dozen tensor ops."""
+    top_k = ids.shape[1]
+    kept = sorted((e, i) for i, e in enumerate(ids.reshape(-1).tolist()) if e < num_experts)
+    spans: list[tuple[int, int, int]] = []
+    for row, (expert, _) in enumerate(kept):
+        if spans and spans[-1][0] == expert:
+            spans[-1] = (expert, spans[-1][1], row + 1)
+        else:
+            spans.append((expert, row, row + 1))
+    order = [i for _, i in kept]
+    return KeptPairs(
+        torch.tensor(order, dtype=torch.long),
+        num_experts,
+        top_k,
+        spans=spans,
+        tokens=torch.tensor([i // top_k for i in order], dtype=torch.long),
+    )
 
 
 def grouped_experts(
@@ -69,61 +126,58 @@ def grouped_experts(
 ) -> tuple[Tensor, Tensor]:
     """Same contract as `reference_experts`: ids >= E are skipped; returns (output, rows computed).
 
-    `strategy` forces "loop" or "grouped_mm" (tests, benchmarks); by default the size decides.
+    `strategy` forces "loop" or "grouped_mm" (tests, benchmarks); by default the device decides:
+    the loop on the CPU, grouped_mm on accelerators and whenever a backward pass is needed.
     """
     pairs = sort_kept_pairs(ids, w.num_experts)
     if pairs.num_rows == 0:
         return torch.zeros_like(hidden), torch.tensor(0)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (hidden, weights, w.up, w.down))
+    if strategy is None:
+        on_cpu = hidden.device.type == "cpu" and not needs_grad
+        strategy = "loop" if on_cpu or not grouped_mm_available() else "grouped_mm"
     x = hidden[pairs.tokens].to(w.up.dtype)
-    strategy = strategy or ("loop" if _use_expert_loop(hidden, weights, w, pairs) else "grouped_mm")
-    y = _expert_loop(w, x, pairs) if strategy == "loop" else _grouped_gemm(w, x, pairs)
+    if strategy == "loop":
+        y = _expert_loop(w, x, pairs, in_place=not needs_grad)
+    else:
+        y = _grouped_gemm(w, x, pairs)
     row_weights = weights.reshape(-1)[pairs.order]
     return combine_rows(y, row_weights, pairs, hidden), torch.tensor(pairs.num_rows)
 
 
-def _use_expert_loop(hidden: Tensor, weights: Tensor, w: ExpertWeights, pairs: KeptPairs) -> bool:
-    needs_grad = torch.is_grad_enabled() and (
-        hidden.requires_grad or weights.requires_grad or w.up.requires_grad or w.down.requires_grad
-    )
-    if needs_grad or hidden.device.type != "cpu" or not grouped_mm_available():
-        return not grouped_mm_available()
-    return int(torch.count_nonzero(pairs.counts)) <= LOOP_MAX_EXPERTS
-
-
 def _grouped_gemm(w: ExpertWeights, x: Tensor, pairs: KeptPairs) -> Tensor:
     """Both GEMMs as torch grouped GEMMs over the expert-sorted rows."""
-    h = F.grouped_mm(x, w.up, offs=pairs.offsets)
+    offsets = pairs.offsets
+    h = F.grouped_mm(x, w.up, offs=offsets)
     if w.up_bias is not None:
-        h = h + w.up_bias[_row_experts(pairs)]
+        h = h + w.up_bias[pairs.row_experts()]
     h = w.activation(h).to(w.down.dtype)
-    y = F.grouped_mm(h, w.down, offs=pairs.offsets)
+    y = F.grouped_mm(h, w.down, offs=offsets)
     if w.down_bias is not None:
-        y = y + w.down_bias[_row_experts(pairs)]
+        y = y + w.down_bias[pairs.row_experts()]
     return y
 
 
-def _expert_loop(w: ExpertWeights, x: Tensor, pairs: KeptPairs) -> Tensor:
-    """Both GEMMs as one matmul per kept expert, written in place into two row buffers."""
-    ends = pairs.offsets.tolist()
-    spans = [(e, ends[e] - n, ends[e]) for e, n in enumerate(pairs.counts.tolist()) if n]
-    h = x.new_empty(pairs.num_rows, w.up.shape[-1])
-    for e, start, end in spans:
-        torch.mm(x[start:end], w.up[e], out=h[start:end])
+def _expert_loop(w: ExpertWeights, x: Tensor, pairs: KeptPairs, in_place: bool = True) -> Tensor:
+    """Both GEMMs as one matmul per kept expert; `in_place` writes them into two row buffers
+    (no autograd), otherwise the pieces are concatenated."""
+    h = _per_expert(x, w.up, pairs.spans, in_place)
     if w.up_bias is not None:
-        h += w.up_bias[_row_experts(pairs)]
+        h = h + w.up_bias[pairs.row_experts()]
     a = w.activation(h).to(w.down.dtype)
-    y = a.new_empty(pairs.num_rows, w.down.shape[-1])
-    for e, start, end in spans:
-        torch.mm(a[start:end], w.down[e], out=y[start:end])
+    y = _per_expert(a, w.down, pairs.spans, in_place)
     if w.down_bias is not None:
-        y += w.down_bias[_row_experts(pairs)]
+        y = y + w.down_bias[pairs.row_experts()]
     return y
 
 
-def _row_experts(pairs: KeptPairs) -> Tensor:
-    return torch.repeat_interleave(
-        torch.arange(pairs.counts.numel(), device=pairs.counts.device), pairs.counts
-    )
+def _per_expert(rows: Tensor, weight: Tensor, spans: list[tuple[int, int, int]], in_place: bool) -> Tensor:
+    if not in_place:
+        return torch.cat([rows[start:end] @ weight[e] for e, start, end in spans])
+    out = rows.new_empty(rows.shape[0], weight.shape[-1])
+    for e, start, end in spans:
+        torch.mm(rows[start:end], weight[e], out=out[start:end])
+    return out
 
 
 def combine_rows(y: Tensor, row_weights: Tensor, pairs: KeptPairs, hidden: Tensor) -> Tensor:

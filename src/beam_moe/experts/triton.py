@@ -37,11 +37,14 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
+@functools.cache
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
     """Triton is installed and has a GPU to run on (or runs in its CPU interpreter)."""
-    if importlib.util.find_spec("triton") is None:
-        return False
-    return torch.cuda.is_available() or interpreting()
+    return _triton_installed() and (torch.cuda.is_available() or interpreting())
 
 
 @dataclass
