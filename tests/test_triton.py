@@ -1,4 +1,5 @@
-"""The Triton kernel, run by triton's CPU interpreter (TRITON_INTERPRET=1), against a float64 reference."""
+"""The Triton kernel against a float64 reference: natively on a GPU when there is one, otherwise in
+triton's CPU interpreter (TRITON_INTERPRET=1). Fresh random inputs for every case."""
 
 import pytest
 import torch
@@ -15,9 +16,17 @@ TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 
 
 @pytest.fixture
-def interpret(monkeypatch):
-    """Run kernels in triton's interpreter (read when a kernel is built; built per mode)."""
+def device(monkeypatch):
+    """The GPU when there is one; else the CPU with triton's interpreter (read when a kernel is
+    built, and kernels are built per mode, so setting it here is enough)."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
+    return torch.device("cpu")
+
+
+def on(device, *tensors):
+    return [t.to(device) for t in tensors]
 
 
 @pytest.fixture
@@ -30,37 +39,43 @@ def poisoned_intermediate(monkeypatch):
     monkeypatch.setattr(triton_backend, "_intermediate_buffer", nan_buffer)
 
 
-def small_experts(dtype):
+def small_experts(dtype, device="cpu"):
     # Sizes that are not multiples of the tiles, so the masked edges of every tile are exercised.
-    return experts_of("qwen3_moe", dtype=dtype, hidden_size=80, moe_intermediate_size=40, num_experts=6)
+    experts = experts_of("qwen3_moe", dtype=dtype, hidden_size=80, moe_intermediate_size=40, num_experts=6)
+    return experts.to(device)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("tokens", [1, 7, 64, 300])
-def test_kernel_matches_float64_reference(interpret, poisoned_intermediate, dtype, tokens):
+def test_kernel_matches_float64_reference(device, poisoned_intermediate, dtype, tokens):
     experts = small_experts(dtype)
     hidden, ids, weights, keep = masked_routing(
         experts, tokens, 3, seed=100 + tokens, dtype=dtype, kept_share=0.6
     )
+    backend = get_backend("triton", device)
     with torch.no_grad():
-        out, rows = get_backend("triton")(ExpertWeights.of(experts), hidden, ids, weights)
-    assert out.dtype == dtype and out.shape == hidden.shape
+        out, rows = backend(ExpertWeights.of(experts.to(device)), *on(device, hidden, ids, weights))
+    assert out.dtype == dtype and out.shape == hidden.shape and out.device.type == device.type
     assert int(rows) == int(keep.sum())
+    out = out.cpu()
     assert torch.all(out[0] == 0), "a token with every expert masked gets exactly zero"
     if keep.any():
         assert torch.isfinite(out).all()
-        assert relative_error(out, float64_reference(experts, hidden, ids, weights)) < TOLERANCE[dtype]
+        expected = float64_reference(experts.cpu(), hidden, ids, weights)
+        assert relative_error(out, expected) < TOLERANCE[dtype]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_every_expert_masked_computes_nothing(interpret, dtype):
-    experts = small_experts(dtype)
+def test_every_expert_masked_computes_nothing(device, dtype):
+    experts = small_experts(dtype, device)
     hidden, ids, weights, _ = masked_routing(experts, 7, 3, seed=7, dtype=dtype)
     sentinel = torch.full_like(ids, experts.num_experts)
     with torch.no_grad():
-        out, rows = get_backend("triton")(ExpertWeights.of(experts), hidden, sentinel, weights)
+        out, rows = get_backend("triton", device)(
+            ExpertWeights.of(experts), *on(device, hidden, sentinel, weights)
+        )
     assert int(rows) == 0
-    assert torch.equal(out, torch.zeros_like(hidden))
+    assert torch.equal(out.cpu(), torch.zeros_like(hidden))
 
 
 def test_alignment_drops_masked_pairs():
@@ -87,20 +102,25 @@ def test_alignment_drops_masked_pairs():
     assert used == int(((counts + block_m - 1) // block_m * block_m).sum())
 
 
-def test_non_swiglu_experts_fall_back_to_grouped(interpret):
+def test_non_swiglu_experts_fall_back_to_grouped(device):
     experts = experts_of("gpt_oss")
     assert not is_swiglu(ExpertWeights.of(experts))
     assert is_swiglu(ExpertWeights.of(small_experts(torch.float32)))
     hidden, ids, weights, _ = masked_routing(experts, 5, 2, seed=9)
     with torch.no_grad():
-        out, _ = get_backend("triton")(ExpertWeights.of(experts), hidden, ids, weights)
-    assert relative_error(out, float64_reference(experts, hidden, ids, weights)) < 1e-5
+        out, _ = get_backend("triton", device)(
+            ExpertWeights.of(experts.to(device)), *on(device, hidden, ids, weights)
+        )
+    assert relative_error(out.cpu(), float64_reference(experts.cpu(), hidden, ids, weights)) < 1e-5
 
 
-def test_interpreter_is_what_ran(interpret):
+def test_interpreter_is_what_ran_without_a_gpu(device):
     from triton.runtime.interpreter import InterpretedFunction
 
-    assert all(isinstance(k, InterpretedFunction) for k in triton_backend._kernels(True))
+    interpreted = all(
+        isinstance(k, InterpretedFunction) for k in triton_backend._kernels(device.type == "cpu")
+    )
+    assert interpreted == (device.type == "cpu")
 
 
 def test_block_config_grows_with_the_batch():

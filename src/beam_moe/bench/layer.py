@@ -47,11 +47,13 @@ HF_IMPLEMENTATIONS = ("eager", "grouped_mm", "batched_mm")
 
 @dataclass
 class Draw:
-    """One random input: hidden states [1, T, H], the router's Top-K ids, and a mask over them."""
+    """One random input: hidden states [1, T, H] (on the device), the router's Top-K ids and a mask
+    over them (on the CPU, for the floor), and the same mask on the device."""
 
     hidden: Tensor
     ids: Tensor
     keep: Tensor
+    keep_on_device: Tensor
 
 
 def exact_keep(num_tokens: int, top_k: int, kept: int, generator: torch.Generator) -> Tensor:
@@ -130,11 +132,12 @@ class LayerBench:
         )
         with torch.inference_mode():
             ids = self.router(hidden.view(tokens, -1))[2].cpu()
-        return Draw(hidden, ids, exact_keep(tokens, self.preset.top_k, kept, generator))
+        keep = exact_keep(tokens, self.preset.top_k, kept, generator)
+        return Draw(hidden, ids, keep, keep.to(self.device))
 
     def run_beam(self, draw: Draw | None, hidden: Tensor) -> Tensor:
         """The BEAM block: with `draw`, its mask replaces the head's decision (the head still runs)."""
-        self.layer.policy = None if draw is None else _fixed_mask(self.layer, draw.keep.to(self.device))
+        self.layer.policy = None if draw is None else _fixed_mask(self.layer, draw.keep_on_device)
         return self.beam_block(hidden)
 
     def rows_computed(self, draw: Draw) -> int:
