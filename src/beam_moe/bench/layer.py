@@ -23,11 +23,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from beam_moe.adapters import family_for
 from beam_moe.bench.machine import MachineLimits, describe_machine, measure_limits
 from beam_moe.bench.synthetic import (
+    INIT_STD,
     block_sharing_weights,
     preset_config,
     random_block,
@@ -105,50 +106,79 @@ class LayerShape:
         }
 
 
+@dataclass
+class Slot:
+    """The blocks of one draw: transformers' (one per experts implementation) and BEAM's."""
+
+    hf_blocks: dict[str, nn.Module]
+    beam_block: nn.Module
+    layer: BeamMoELayer
+
+
 class LayerBench:
-    """The blocks under test, all sharing one set of random weights."""
+    """The blocks under test. All share one set of random expert weights; each of the `slots`
+    draws has its own router and mask head, as each layer of a real model has, so that a router
+    or a head is not still in the cache from the previous call."""
 
     def __init__(
-        self, preset: MoEPreset, dtype: torch.dtype, device: torch.device, backend: str, seed: int
+        self, preset: MoEPreset, dtype: torch.dtype, device: torch.device, backend: str, seed: int, slots: int
     ) -> None:
         self.preset = preset
         self.device = device
         config = preset_config(preset, num_layers=1)
         skeleton, self.source = random_block(config, dtype, device, seed)
         self.family = family_for(skeleton)
-        self.hf_blocks = {
-            name: block_sharing_weights(self.source, with_experts_implementation(config, name)).eval()
-            for name in HF_IMPLEMENTATIONS
-        }
-        self.beam_block = block_sharing_weights(self.source, config).eval()
-        self.layer = BeamMoELayer(0, "moe", self.beam_block, self.family, BeamConfig(backend=backend), [])
-        self.layer.install(MaskHead(preset.hidden_size, preset.num_experts, device=device))
-        self.layer.head.eval()
-        self.router = self.family.router(self.source)
+        router_weight = f"{self.family.router_attr}.weight"
+        generator = torch.Generator(device=device).manual_seed(seed + 1)
+        self.slots: list[Slot] = []
+        for _ in range(slots):
+            router = torch.empty_like(self.source.get_parameter(router_weight))
+            own = {router_weight: nn.Parameter(router.normal_(0.0, INIT_STD, generator=generator), False)}
+            hf_blocks = {
+                name: block_sharing_weights(
+                    self.source, with_experts_implementation(config, name), own
+                ).eval()
+                for name in HF_IMPLEMENTATIONS
+            }
+            beam_block = block_sharing_weights(self.source, config, own).eval()
+            layer = BeamMoELayer(0, "moe", beam_block, self.family, BeamConfig(backend=backend), [])
+            layer.install(MaskHead(preset.hidden_size, preset.num_experts, device=device))
+            layer.head.eval()
+            self.slots.append(Slot(hf_blocks, beam_block, layer))
 
-    def draw(self, tokens: int, kept: int, generator: torch.Generator, dtype: torch.dtype) -> Draw:
+    def draw(self, slot: int, tokens: int, kept: int, generator: torch.Generator, dtype: torch.dtype) -> Draw:
         hidden = (
             torch.randn(1, tokens, self.preset.hidden_size, generator=generator).to(dtype).to(self.device)
         )
         with torch.inference_mode():
-            ids = self.router(hidden.view(tokens, -1))[2].cpu()
+            ids = self.family.router(self.slots[slot].beam_block)(hidden.view(tokens, -1))[2].cpu()
         keep = exact_keep(tokens, self.preset.top_k, kept, generator)
         return Draw(hidden, ids, keep, keep.to(self.device))
 
-    def run_beam(self, draw: Draw | None, hidden: Tensor) -> Tensor:
-        """The BEAM block: with `draw`, its mask replaces the head's decision (the head still runs)."""
-        self.layer.policy = None if draw is None else _fixed_mask(self.layer, draw.keep_on_device)
-        return self.beam_block(hidden)
+    def run_hf(self, name: str, slot: int, draw: Draw) -> Tensor:
+        return self.slots[slot].hf_blocks[name](draw.hidden)
 
-    def rows_computed(self, draw: Draw) -> int:
+    def run_beam(self, slot: int, draw: Draw, masked: bool = True) -> Tensor:
+        """The BEAM block on `draw`: with `masked`, the draw's mask replaces the head's decision
+        (the head still runs); otherwise the fresh head keeps every expert."""
+        layer = self.slots[slot].layer
+        layer.policy = _fixed_mask(layer, draw.keep_on_device) if masked else None
+        return self.slots[slot].beam_block(draw.hidden)
+
+    def rows_computed(self, slot: int, draw: Draw) -> int:
+        layer = self.slots[slot].layer
         stats = BeamStats(["moe"], [self.preset.top_k])
-        self.layer.sinks.append(stats)
+        layer.sinks.append(stats)
         try:
             with torch.inference_mode():
-                self.run_beam(draw, draw.hidden)
+                self.run_beam(slot, draw)
         finally:
-            self.layer.sinks.remove(stats)
+            layer.sinks.remove(stats)
         return stats.computed_rows
+
+    def set_backend(self, name: str) -> None:
+        for slot in self.slots:
+            slot.layer.config = BeamConfig(backend=name)
 
 
 def _fixed_mask(layer: BeamMoELayer, keep: Tensor) -> Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]:
@@ -210,13 +240,13 @@ def bench_layer(
         f"copy {limits.copy_gbs:.1f} GB/s, read {limits.read_gbs:.1f} GB/s, GEMM {limits.gemm_tflops * 1e3:.0f} GFLOP/s"
     )
     log(f"building {preset.name} layer with random weights ...")
-    bench = LayerBench(preset, dtype, device, backend, seed)
+    bench = LayerBench(preset, dtype, device, backend, seed, slots=draws)
     shape = LayerShape.of(preset, dtype)
-    generator = torch.Generator().manual_seed(seed + 1)
+    generator = torch.Generator().manual_seed(seed + 2)
     results = []
     for t in tokens:
         kept = round(avg_k * t)
-        samples = [bench.draw(t, kept, generator, dtype) for _ in range(draws)]
+        samples = [bench.draw(d, t, kept, generator, dtype) for d in range(draws)]
         results.append(
             _bench_tokens(
                 bench,
@@ -267,34 +297,35 @@ def _bench_tokens(
     top_k = bench.preset.top_k
     skipped: dict[str, str] = {}
     methods: dict[str, Callable[[int], object]] = {}
-    for name, block in bench.hf_blocks.items():
+    for name in HF_IMPLEMENTATIONS:
         gathered = tokens * top_k * shape.expert_bytes / 1e9
         if name == "batched_mm" and gathered > max_gather_gb:
             skipped[name] = (
                 f"gathers {gathered:.1f} GB of expert weights (over --max-gather-gb {max_gather_gb})"
             )
             continue
-        methods[f"hf_{name}"] = lambda d, block=block: block(samples[d].hidden)
-    methods["beam_keepall"] = lambda d: bench.run_beam(None, samples[d].hidden)
-    methods["beam"] = lambda d: bench.run_beam(samples[d], samples[d].hidden)
-    main_backend = bench.layer.config
+        methods[f"hf_{name}"] = lambda d, name=name: bench.run_hf(name, d, samples[d])
+    methods["beam_keepall"] = lambda d: bench.run_beam(d, samples[d], masked=False)
+    methods["beam"] = lambda d: bench.run_beam(d, samples[d])
+    main_backend = bench.slots[0].layer.config.backend
     for name in compare_backends:
-        config = BeamConfig(backend=name)
 
-        def run(d: int, config: BeamConfig = config) -> Tensor:
-            bench.layer.config = config
+        def run(d: int, name: str = name) -> Tensor:
+            bench.set_backend(name)
             try:
-                return bench.run_beam(samples[d], samples[d].hidden)
+                return bench.run_beam(d, samples[d])
             finally:
-                bench.layer.config = main_backend
+                bench.set_backend(main_backend)
 
         methods[f"beam_{name}"] = run
 
     with torch.inference_mode():
-        reference = bench.hf_blocks["eager"](samples[0].hidden)
+        reference = bench.run_hf("eager", 0, samples[0])
         checks = {
-            "keepall_rel_err_vs_hf": _max_relative_error(bench.run_beam(None, samples[0].hidden), reference),
-            "rows_computed": bench.rows_computed(samples[0]),
+            "keepall_rel_err_vs_hf": _max_relative_error(
+                bench.run_beam(0, samples[0], masked=False), reference
+            ),
+            "rows_computed": bench.rows_computed(0, samples[0]),
         }
         medians = interleaved_medians(
             methods, bench.device, draws=len(samples), rounds=rounds, budget_s=budget_s

@@ -127,9 +127,13 @@ def random_block(
     return skeleton, block
 
 
-def block_sharing_weights(source: nn.Module, config) -> nn.Module:
+def block_sharing_weights(
+    source: nn.Module, config, replace: dict[str, nn.Parameter] | None = None
+) -> nn.Module:
     """Another MoE block of the same family whose parameters are `source`'s (no copy), built
-    from `config` (e.g. with another experts implementation)."""
+    from `config` (e.g. with another experts implementation); `replace` gives some parameters
+    their own tensors (e.g. {"gate.weight": ...})."""
+    replace = replace or {}
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
@@ -137,7 +141,7 @@ def block_sharing_weights(source: nn.Module, config) -> nn.Module:
     _, block = family_for(skeleton).find_blocks(skeleton)[0]
     for name, parameter in source.named_parameters():
         owner, _, attr = name.rpartition(".")
-        block.get_submodule(owner).register_parameter(attr, parameter)
+        block.get_submodule(owner).register_parameter(attr, replace.get(name, parameter))
     for name, buffer in source.named_buffers():
         owner, _, attr = name.rpartition(".")
         block.get_submodule(owner).register_buffer(attr, buffer)
