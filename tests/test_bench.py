@@ -36,20 +36,19 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def limits():
-    return measure_limits(torch.device("cpu"), torch.bfloat16, repeats=2, nbytes=16 << 20, gemm_size=256)
+SMALL_PROBES = (16 << 20, 256)
 
 
-def test_machine_limits_are_measured(limits):
+def test_machine_limits_are_measured():
+    limits = measure_limits(torch.device("cpu"), torch.bfloat16, 2, *SMALL_PROBES)
     assert limits.copy_gbs > 0.1 and limits.read_gbs > 0.1 and limits.gemm_tflops > 1e-4
     assert limits.gemm_shape == [256, 256, 256]
 
 
 @pytest.mark.parametrize("preset", [TINY, TINY_SHARED], ids=lambda p: p.model_type)
-def test_layer_bench_reports_the_issue_fields(preset, limits):
+def test_layer_bench_reports_the_issue_fields(preset):
     document = bench_layer(
-        preset, [1, 6], 1.5, draws=2, rounds=2, budget_s=1, limits=limits, log=lambda _: None
+        preset, [1, 6], 1.5, draws=2, rounds=2, budget_s=1, probe_sizes=SMALL_PROBES, log=lambda _: None
     )
     assert {"preset", "avg_k", "device", "results"} <= set(document)
     assert document["preset"] == preset.name and document["avg_k"] == 1.5
@@ -63,6 +62,7 @@ def test_layer_bench_reports_the_issue_fields(preset, limits):
         assert row["speedup_vs_hf"] == pytest.approx(row["hf_topk_ms"] / row["beam_ms"], rel=1e-2)
         assert row["fraction_of_floor"] == pytest.approx(row["beam_ms"] / row["floor_ms"], rel=1e-2)
         assert row["keepall_rel_err_vs_hf"] < 2e-2, "BEAM keep-all computes what transformers computes"
+        assert row["limits"]["copy_gbs"] > 0 and row["limits"]["gemm_tflops"] > 0
     json.dumps(document)
 
 
@@ -147,3 +147,9 @@ def test_generate_bench_end_to_end(test_model, capsys, tmp_path):
 def test_generate_refuses_a_missing_adapter(tmp_path, capsys):
     assert main(["bench", "generate", str(tmp_path / "nothing")]) == 2
     assert "error" in capsys.readouterr().err
+
+
+def test_make_model_cli_refuses_an_impossible_avg_k(tmp_path, capsys):
+    assert main(["bench", "make-model", str(tmp_path / "m"), "--avg-k", "9"]) == 2
+    assert "--avg-k must lie in (0, 8]" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()

@@ -9,8 +9,9 @@ Each draw is fresh random hidden states (so fresh routing) and a fresh mask; cal
 draws, so back-to-back calls read different experts and caches do not flatter anyone.
 
 The floor for a draw is the larger of (bytes of the expert weights that must be read, plus the
-activations) / copy bandwidth and (FLOPs of the kept pairs) / GEMM rate; both ceilings are
-measured in the same run (`machine.measure_limits`). Decode is memory-bound, so its floor follows
+activations) / copy bandwidth and (FLOPs of the kept pairs) / GEMM rate. Both ceilings are
+measured in the same rounds as the methods (`machine.LimitProbes`: a large copy, a large read, a
+large GEMM, interleaved call by call), so that on a shared machine the floor sees the same load. Decode is memory-bound, so its floor follows
 the number of distinct experts the kept pairs touch.
 """
 
@@ -26,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from beam_moe.adapters import family_for
-from beam_moe.bench.machine import MachineLimits, describe_machine, measure_limits
+from beam_moe.bench.machine import LimitProbes, MachineLimits, default_sizes, describe_machine
 from beam_moe.bench.synthetic import (
     INIT_STD,
     block_sharing_weights,
@@ -213,12 +214,13 @@ def bench_layer(
     budget_s: float = 30.0,
     max_gather_gb: float = 2.0,
     seed: int = 0,
-    limits: MachineLimits | None = None,
+    probe_sizes: tuple[int, int] | None = None,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Measure one MoE layer of `preset` at each token count; returns the result document.
 
-    `limits` are measured here unless given (tests pass small measurements)."""
+    `probe_sizes` (copy bytes, GEMM size) of the ceiling measurements default to
+    `machine.default_sizes` (tests pass small ones)."""
     log = log or (lambda message: print(message, file=sys.stderr, flush=True))
     device = torch.device(device)
     if not 0 < avg_k <= preset.top_k:
@@ -233,12 +235,7 @@ def bench_layer(
     for name in compare_backends or []:
         get_backend(name, device)
     machine = describe_machine(device)
-    if limits is None:
-        log(f"measuring the machine ({device}) ...")
-        limits = measure_limits(device, dtype)
-    log(
-        f"copy {limits.copy_gbs:.1f} GB/s, read {limits.read_gbs:.1f} GB/s, GEMM {limits.gemm_tflops * 1e3:.0f} GFLOP/s"
-    )
+    probes = LimitProbes(device, dtype, *(probe_sizes or default_sizes(device)))
     log(f"building {preset.name} layer with random weights ...")
     bench = LayerBench(preset, dtype, device, backend, seed, slots=draws)
     shape = LayerShape.of(preset, dtype)
@@ -251,7 +248,7 @@ def bench_layer(
             _bench_tokens(
                 bench,
                 shape,
-                limits,
+                probes,
                 samples,
                 t,
                 kept,
@@ -265,7 +262,8 @@ def bench_layer(
         log(
             f"T={t:4d} kept={kept:4d}  hf {row['hf_topk_ms']:.3f} ms ({row['hf_impl']})  beam keep-all "
             f"{row['beam_keepall_ms']:.3f}  beam {row['beam_ms']:.3f}  floor {row['floor_ms']:.3f}  "
-            f"speed-up {row['speedup_vs_hf']:.2f}x (ideal {row['ideal_speedup']:.2f}x)"
+            f"speed-up {row['speedup_vs_hf']:.2f}x (ideal {row['ideal_speedup']:.2f}x)  "
+            f"[copy {row['limits']['copy_gbs']:.1f} GB/s, GEMM {row['limits']['gemm_tflops'] * 1e3:.0f} GFLOP/s]"
         )
     machine["load_average_end"] = describe_machine(device).get("load_average")
     return {
@@ -276,7 +274,10 @@ def bench_layer(
         "backend": backend,
         "draws": draws,
         "machine": machine,
-        "limits": limits.to_dict(),
+        "limits": {
+            key: statistics.median(r["limits"][key] for r in results)
+            for key in ("copy_gbs", "read_gbs", "gemm_tflops")
+        },
         "layer": preset.to_dict(),
         "results": results,
     }
@@ -285,7 +286,7 @@ def bench_layer(
 def _bench_tokens(
     bench: LayerBench,
     shape: LayerShape,
-    limits: MachineLimits,
+    probes: LimitProbes,
     samples: list[Draw],
     tokens: int,
     kept: int,
@@ -318,6 +319,7 @@ def _bench_tokens(
                 bench.set_backend(main_backend)
 
         methods[f"beam_{name}"] = run
+    methods.update(probes.methods())
 
     with torch.inference_mode():
         reference = bench.run_hf("eager", 0, samples[0])
@@ -332,6 +334,7 @@ def _bench_tokens(
         )
     if checks["rows_computed"] != kept:
         raise BeamError(f"BEAM computed {checks['rows_computed']} rows for {kept} kept pairs")
+    limits = probes.limits(medians)
     hf_ms = {name: medians[f"hf_{name}"] * 1e3 for name in HF_IMPLEMENTATIONS if f"hf_{name}" in medians}
     hf_impl = min(hf_ms, key=hf_ms.__getitem__)
     floors = [shape.floor(tokens, kept, int(torch.unique(s.ids[s.keep]).numel()), limits) for s in samples]
@@ -361,6 +364,7 @@ def _bench_tokens(
         "floor_read_bw_ms": _sig(statistics.median(f["read_floor"] for f in floors) * 1e3),
         "experts_read_topk": statistics.median(int(torch.unique(s.ids).numel()) for s in samples),
         "experts_read_beam": statistics.median(int(torch.unique(s.ids[s.keep]).numel()) for s in samples),
+        "limits": limits.to_dict(),
         **checks,
     }
     for name in compare_backends:

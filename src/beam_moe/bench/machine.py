@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import platform
 import statistics
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -29,9 +30,40 @@ class MachineLimits:
         return asdict(self)
 
 
-def _median_seconds(fn, device: torch.device, repeats: int) -> float:
-    fn()
-    return statistics.median(time_call(fn, device) for _ in range(repeats))
+class LimitProbes:
+    """The three measurements as callables, so that a benchmark can interleave them with the
+    methods it times: on a shared machine the ceilings move with the load, and a floor is only
+    comparable with times taken under the same load."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype, nbytes: int, gemm_size: int) -> None:
+        self.nbytes, self.gemm_size = nbytes, gemm_size
+        self.src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+        self.dst = torch.empty_like(self.src)
+        generator = torch.Generator(device=device).manual_seed(0)
+        self.a = torch.randn(gemm_size, gemm_size, device=device, generator=generator).to(dtype)
+        self.b = torch.randn(gemm_size, gemm_size, device=device, generator=generator).to(dtype)
+
+    def methods(self) -> dict[str, Callable[[int], object]]:
+        return {
+            "limit_copy": lambda _: self.dst.copy_(self.src),
+            "limit_read": lambda _: self.src.sum(),
+            "limit_gemm": lambda _: self.a @ self.b,
+        }
+
+    def limits(self, seconds: dict[str, float]) -> MachineLimits:
+        n = self.gemm_size
+        return MachineLimits(
+            copy_gbs=2 * self.nbytes / seconds["limit_copy"] / 1e9,
+            read_gbs=self.nbytes / seconds["limit_read"] / 1e9,
+            gemm_tflops=2 * n**3 / seconds["limit_gemm"] / 1e12,
+            gemm_shape=[n, n, n],
+        )
+
+
+def default_sizes(device: torch.device) -> tuple[int, int]:
+    """A 512 MiB copy and a 2048^3 GEMM on the CPU, 1 GiB and 8192^3 on a GPU: far larger than
+    any cache, and long enough to time."""
+    return ((1 << 30), 8192) if device.type == "cuda" else ((512 << 20), 2048)
 
 
 def measure_limits(
@@ -41,34 +73,14 @@ def measure_limits(
     nbytes: int | None = None,
     gemm_size: int | None = None,
 ) -> MachineLimits:
-    """Both ceilings; the defaults (a 512 MiB copy and a 2048^3 GEMM on the CPU, 1 GiB and 8192^3
-    on a GPU) are far larger than any cache and long enough to time."""
-    nbytes = nbytes or ((1 << 30) if device.type == "cuda" else (512 << 20))
-    copy_s, read_s = _stream_seconds(nbytes, device, repeats)
-    n = gemm_size or (8192 if device.type == "cuda" else 2048)
-    gemm_s = _gemm_seconds(n, device, dtype, repeats)
-    return MachineLimits(
-        copy_gbs=2 * nbytes / copy_s / 1e9,
-        read_gbs=nbytes / read_s / 1e9,
-        gemm_tflops=2 * n**3 / gemm_s / 1e12,
-        gemm_shape=[n, n, n],
-    )
-
-
-def _stream_seconds(nbytes: int, device: torch.device, repeats: int) -> tuple[float, float]:
-    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
-    dst = torch.empty_like(src)
-    return (
-        _median_seconds(lambda: dst.copy_(src), device, repeats),
-        _median_seconds(lambda: src.sum(), device, repeats),
-    )
-
-
-def _gemm_seconds(n: int, device: torch.device, dtype: torch.dtype, repeats: int) -> float:
-    generator = torch.Generator(device=device).manual_seed(0)
-    a = torch.randn(n, n, device=device, generator=generator).to(dtype)
-    b = torch.randn(n, n, device=device, generator=generator).to(dtype)
-    return _median_seconds(lambda: a @ b, device, repeats)
+    """Both ceilings, medians of `repeats` (after one warm-up call each)."""
+    default_bytes, default_n = default_sizes(device)
+    probes = LimitProbes(device, dtype, nbytes or default_bytes, gemm_size or default_n)
+    seconds = {}
+    for name, fn in probes.methods().items():
+        fn(0)
+        seconds[name] = statistics.median(time_call(lambda fn=fn: fn(0), device) for _ in range(repeats))
+    return probes.limits(seconds)
 
 
 def describe_machine(device: torch.device) -> dict:
