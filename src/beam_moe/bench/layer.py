@@ -184,7 +184,7 @@ class LayerBench:
 
 def _fixed_mask(layer: BeamMoELayer, keep: Tensor) -> Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]:
     def policy(hidden: Tensor, logits: Tensor, weights: Tensor, ids: Tensor) -> Tensor:
-        layer.head(hidden)  # the head still runs, so its cost stays in the time; its decision is replaced
+        layer.head.slot_logits(hidden, ids)  # the head still runs (its cost stays in); its decision is replaced
         return keep
 
     return policy
