@@ -184,7 +184,9 @@ class LayerBench:
 
 def _fixed_mask(layer: BeamMoELayer, keep: Tensor) -> Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]:
     def policy(hidden: Tensor, logits: Tensor, weights: Tensor, ids: Tensor) -> Tensor:
-        layer.head.slot_logits(hidden, ids)  # the head still runs (its cost stays in); its decision is replaced
+        layer.head.slot_logits(
+            hidden, ids
+        )  # the head still runs (its cost stays in); its decision is replaced
         return keep
 
     return policy

@@ -136,11 +136,10 @@ def grouped_experts(
     if strategy is None:
         on_cpu = hidden.device.type == "cpu" and not needs_grad
         strategy = "loop" if on_cpu or not grouped_mm_available() else "grouped_mm"
-    x = hidden[pairs.tokens].to(w.up.dtype)
     if strategy == "loop":
-        y = _expert_loop(w, x, pairs, in_place=not needs_grad)
+        y = _expert_loop(w, hidden.to(w.up.dtype), pairs, in_place=not needs_grad)
     else:
-        y = _grouped_gemm(w, x, pairs)
+        y = _grouped_gemm(w, hidden[pairs.tokens].to(w.up.dtype), pairs)
     row_weights = weights.reshape(-1)[pairs.order]
     return combine_rows(y, row_weights, pairs, hidden), torch.tensor(pairs.num_rows)
 
@@ -158,42 +157,64 @@ def _grouped_gemm(w: ExpertWeights, x: Tensor, pairs: KeptPairs) -> Tensor:
     return y
 
 
-def _expert_loop(w: ExpertWeights, x: Tensor, pairs: KeptPairs, in_place: bool = True) -> Tensor:
-    """Both GEMMs as one matmul per kept expert; `in_place` writes them into two row buffers
-    (no autograd), otherwise the pieces are concatenated."""
-    h = _per_expert(x, w.up, pairs.spans, in_place)
+def _expert_loop(w: ExpertWeights, hidden: Tensor, pairs: KeptPairs, in_place: bool = True) -> Tensor:
+    """Both GEMMs as one matmul per kept expert. `in_place` gathers each expert's rows into a
+    small reused buffer (no S x H gather: at prefill that is a large fresh allocation) and writes
+    the GEMMs into two row buffers (no autograd); otherwise the pieces are concatenated."""
+    if in_place:
+        widest = max(end - start for _, start, end in pairs.spans)
+        rows = hidden.new_empty(widest, hidden.shape[1])
+        h = hidden.new_empty(pairs.num_rows, w.up.shape[-1])
+        for e, start, end in pairs.spans:
+            x = torch.index_select(hidden, 0, pairs.tokens[start:end], out=rows[: end - start])
+            torch.mm(x, w.up[e], out=h[start:end])
+    else:
+        h = torch.cat([hidden[pairs.tokens[start:end]] @ w.up[e] for e, start, end in pairs.spans])
     if w.up_bias is not None:
         h = h + w.up_bias[pairs.row_experts()]
     a = w.activation(h).to(w.down.dtype)
-    y = _per_expert(a, w.down, pairs.spans, in_place)
+    if in_place:
+        y = a.new_empty(pairs.num_rows, w.down.shape[-1])
+        for e, start, end in pairs.spans:
+            torch.mm(a[start:end], w.down[e], out=y[start:end])
+    else:
+        y = torch.cat([a[start:end] @ w.down[e] for e, start, end in pairs.spans])
     if w.down_bias is not None:
         y = y + w.down_bias[pairs.row_experts()]
     return y
 
 
-def _per_expert(rows: Tensor, weight: Tensor, spans: list[tuple[int, int, int]], in_place: bool) -> Tensor:
-    if not in_place:
-        return torch.cat([rows[start:end] @ weight[e] for e, start, end in spans])
-    out = rows.new_empty(rows.shape[0], weight.shape[-1])
-    for e, start, end in spans:
-        torch.mm(rows[start:end], weight[e], out=out[start:end])
-    return out
+COMBINE_CHUNK_BYTES = 2 << 20
+"""The CPU combine converts rows to float32 this many bytes at a time (about an L2 cache)."""
 
 
 def combine_rows(y: Tensor, row_weights: Tensor, pairs: KeptPairs, hidden: Tensor) -> Tensor:
     """Σ over each token's kept rows of weight · row, accumulated in float32 (or wider).
 
-    On the CPU an index_add_ into [T, H] (sequential, deterministic). On accelerators, where
-    index_add_ uses atomics (run-to-run rounding differences), each slot gathers its row (or a zero
-    row when masked) and the K slots are summed, as transformers does.
+    On the CPU an index_add_ into [T, H] (sequential, deterministic), fed in chunks: a float32
+    copy of all rows at once would be a fresh allocation of S x H x 4 bytes (33 MB for a
+    512-token prefill, above glibc's mmap threshold, so page faults on every call) and cost ten
+    times the GEMM-free rest of the layer. With autograd, one out-of-place pass instead. On
+    accelerators, where index_add_ uses atomics (run-to-run rounding differences), each slot
+    gathers its row (or a zero row when masked) and the K slots are summed, as transformers does.
     """
     accumulate = torch.promote_types(y.dtype, torch.float32)
-    weighted = y * row_weights.to(accumulate).unsqueeze(-1)
+    row_weights = row_weights.to(accumulate).unsqueeze(-1)
     num_tokens, hidden_size = hidden.shape
-    if hidden.device.type == "cpu":
-        out = torch.zeros(num_tokens, hidden_size, dtype=accumulate, device=hidden.device)
-        return out.index_add_(0, pairs.tokens, weighted).to(hidden.dtype)
-    return combine_rows_deterministic(weighted, pairs, hidden)
+    if hidden.device.type != "cpu":
+        return combine_rows_deterministic(y * row_weights, pairs, hidden)
+    out = torch.zeros(num_tokens, hidden_size, dtype=accumulate, device=hidden.device)
+    if torch.is_grad_enabled() and (y.requires_grad or row_weights.requires_grad):
+        return out.index_add(0, pairs.tokens, y * row_weights).to(hidden.dtype)
+    chunk = max(1, COMBINE_CHUNK_BYTES // (hidden_size * out.element_size()))
+    buffer = out.new_empty(min(chunk, pairs.num_rows), hidden_size)
+    for start in range(0, pairs.num_rows, chunk):
+        end = min(start + chunk, pairs.num_rows)
+        rows = buffer[: end - start]
+        rows.copy_(y[start:end])
+        rows.mul_(row_weights[start:end])
+        out.index_add_(0, pairs.tokens[start:end], rows)
+    return out.to(hidden.dtype)
 
 
 def combine_rows_deterministic(weighted: Tensor, pairs: KeptPairs, hidden: Tensor) -> Tensor:
