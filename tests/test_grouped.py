@@ -132,7 +132,12 @@ def test_sort_keeps_kept_pairs_in_expert_order():
     assert pairs.offsets.tolist() == [2, 3, 3, 5, 5, 5, 5, 5]
 
 
-def test_deterministic_combine_equals_index_add():
+@pytest.mark.parametrize("chunk_bytes", [None, 2 * 6 * 8], ids=["one-pass", "two-row-chunks"])
+def test_deterministic_combine_equals_index_add(chunk_bytes, monkeypatch):
+    from beam_moe.experts import grouped
+
+    if chunk_bytes:
+        monkeypatch.setattr(grouped, "COMBINE_CHUNK_BYTES", chunk_bytes)
     ids = torch.tensor([[2, 5, 9], [9, 9, 9], [1, 2, 3], [4, 9, 1]])
     pairs = sort_kept_pairs(ids, num_experts=9)
     y = torch.randn(pairs.num_rows, 6, dtype=torch.float64)

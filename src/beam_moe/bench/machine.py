@@ -88,6 +88,7 @@ def describe_machine(device: torch.device) -> dict:
     import transformers
 
     info = {
+        "beam_moe_commit": _commit(),
         "device": str(device),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
@@ -110,6 +111,24 @@ def describe_machine(device: torch.device) -> dict:
         except ImportError:
             info["triton"] = None
     return info
+
+
+def _commit() -> str | None:
+    """The git commit of the beam_moe source that ran (None outside a git checkout)."""
+    import subprocess
+    from pathlib import Path
+
+    try:
+        result = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return result.stdout.strip() or None if result.returncode == 0 else None
 
 
 def _cpu_name() -> str:

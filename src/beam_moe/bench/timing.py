@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -38,11 +39,12 @@ def interleaved_medians(
     min_rounds: int = 3,
     budget_s: float | None = None,
 ) -> dict[str, float]:
-    """Median seconds per method. Each round calls every method once, method i on draw
-    (round + i) % draws, so that back-to-back calls use different inputs (no cache reuse between
-    them) while every method cycles through every draw, and a burst of load from other processes
-    hits all methods alike. Every method is warmed up on every draw first (compilation, caches).
-    Stops early after `min_rounds` once `budget_s` seconds are spent."""
+    """Median seconds per method. Each round calls every method once, in a fresh random order (so
+    that no method always follows the same other one), method i on draw (round + i) % draws: calls
+    in a round use different inputs (no cache reuse between them), every method cycles through
+    every draw, and a burst of load from other processes hits all methods alike. Every method is
+    warmed up on every draw first (compilation, caches). Stops early after `min_rounds` once
+    `budget_s` seconds are spent."""
     names = list(methods)
     for name in names:
         for draw in range(draws):
@@ -50,9 +52,10 @@ def interleaved_medians(
     synchronize(device)
     times: dict[str, list[float]] = {name: [] for name in names}
     started = time.perf_counter()
+    shuffle = random.Random(0)
     for r in range(rounds):
-        for i, name in enumerate(names):
-            draw = (r + i) % draws
+        for i in shuffle.sample(range(len(names)), len(names)):
+            name, draw = names[i], (r + i) % draws
             times[name].append(time_call(functools.partial(methods[name], draw), device))
         if budget_s is not None and r + 1 >= min_rounds and time.perf_counter() - started > budget_s:
             break

@@ -204,9 +204,11 @@ def combine_rows(y: Tensor, row_weights: Tensor, pairs: KeptPairs, hidden: Tenso
     if hidden.device.type != "cpu":
         return combine_rows_deterministic(y * row_weights, pairs, hidden)
     out = torch.zeros(num_tokens, hidden_size, dtype=accumulate, device=hidden.device)
-    if torch.is_grad_enabled() and (y.requires_grad or row_weights.requires_grad):
-        return out.index_add(0, pairs.tokens, y * row_weights).to(hidden.dtype)
     chunk = max(1, COMBINE_CHUNK_BYTES // (hidden_size * out.element_size()))
+    if pairs.num_rows <= chunk or (
+        torch.is_grad_enabled() and (y.requires_grad or row_weights.requires_grad)
+    ):
+        return out.index_add(0, pairs.tokens, y * row_weights).to(hidden.dtype)
     buffer = out.new_empty(min(chunk, pairs.num_rows), hidden_size)
     for start in range(0, pairs.num_rows, chunk):
         end = min(start + chunk, pairs.num_rows)
