@@ -43,7 +43,9 @@ def main() -> None:
         samples = []
         for _ in range(args.draws):
             hidden = torch.randn(tokens, preset.hidden_size, generator=generator).to(torch.bfloat16)
-            ids = torch.stack([torch.randperm(num_experts, generator=generator)[:top_k] for _ in range(tokens)])
+            ids = torch.stack(
+                [torch.randperm(num_experts, generator=generator)[:top_k] for _ in range(tokens)]
+            )
             weights = torch.rand(tokens, top_k, generator=generator).to(torch.bfloat16)
             keep = exact_keep(tokens, top_k, round(args.avg_k * tokens), generator)
             samples.append((hidden, ids, weights, torch.where(keep, ids, num_experts), weights * keep))
@@ -63,7 +65,9 @@ def main() -> None:
             methods[f"all_{strategy}"] = functools.partial(call, fn, False)
             methods[f"x_{strategy}"] = functools.partial(call, fn, True)
         with torch.inference_mode():
-            medians = interleaved_medians(methods, torch.device("cpu"), draws=args.draws, rounds=args.rounds, budget_s=40)
+            medians = interleaved_medians(
+                methods, torch.device("cpu"), draws=args.draws, rounds=args.rounds, budget_s=40
+            )
         print(tokens, "  ".join(f"{k} {v * 1e3:.3f}" for k, v in medians.items()), flush=True)
 
 

@@ -48,11 +48,11 @@ def test_machine_limits_are_measured():
 @pytest.mark.parametrize("preset", [TINY, TINY_SHARED], ids=lambda p: p.model_type)
 def test_layer_bench_reports_the_issue_fields(preset):
     document = bench_layer(
-        preset, [1, 6], 1.5, draws=2, rounds=2, budget_s=1, probe_sizes=SMALL_PROBES, log=lambda _: None
+        preset, [2, 5], 1.5, draws=2, rounds=2, budget_s=1, probe_sizes=SMALL_PROBES, log=lambda _: None
     )
     assert {"preset", "avg_k", "device", "results"} <= set(document)
     assert document["preset"] == preset.name and document["avg_k"] == 1.5
-    assert [r["tokens"] for r in document["results"]] == [1, 6]
+    assert [r["tokens"] for r in document["results"]] == [2, 5]
     for row in document["results"]:
         assert set(row) >= RESULT_FIELDS
         assert row["kept_pairs"] == round(1.5 * row["tokens"])

@@ -134,3 +134,13 @@ def test_unavailable_without_a_gpu_or_the_interpreter(monkeypatch):
         pytest.skip("a GPU is present")
     with pytest.raises(BeamError, match="'triton' cannot run here"):
         get_backend("triton")
+
+
+def test_no_tokens_at_all(device):
+    experts = small_experts(torch.float32, device)
+    hidden = torch.randn(0, 80, device=device)
+    ids = torch.zeros(0, 3, dtype=torch.long, device=device)
+    out, rows = get_backend("triton", device)(
+        ExpertWeights.of(experts), hidden, ids, torch.zeros(0, 3, device=device)
+    )
+    assert out.shape == (0, 80) and int(rows) == 0

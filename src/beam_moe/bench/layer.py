@@ -151,8 +151,9 @@ class LayerBench:
         hidden = (
             torch.randn(1, tokens, self.preset.hidden_size, generator=generator).to(dtype).to(self.device)
         )
+        router = self.family.router(self.slots[slot].hf_blocks["eager"])  # same weights, no BEAM hook
         with torch.inference_mode():
-            ids = self.family.router(self.slots[slot].beam_block)(hidden.view(tokens, -1))[2].cpu()
+            ids = router(hidden.view(tokens, -1))[2].cpu()
         keep = exact_keep(tokens, self.preset.top_k, kept, generator)
         return Draw(hidden, ids, keep, keep.to(self.device))
 

@@ -148,6 +148,8 @@ def triton_experts(w: ExpertWeights, hidden: Tensor, ids: Tensor, weights: Tenso
         return grouped_experts(w, hidden, ids, weights)
     num_tokens, top_k = ids.shape
     num_pairs = ids.numel()
+    if num_pairs == 0:
+        return torch.zeros_like(hidden), torch.tensor(0)
     hidden_size, intermediate_size = w.hidden_size, w.down.shape[-2]
     config = block_config(num_pairs, w.up.dtype)
     aligned = align_kept_pairs(ids, w.num_experts, config.block_m)
