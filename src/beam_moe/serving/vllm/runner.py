@@ -23,7 +23,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
-from vllm.config import VllmConfig
+from vllm.config import CUDAGraphMode, VllmConfig
+from vllm.distributed import get_tensor_model_parallel_rank
 from vllm.forward_context import get_forward_context, is_forward_context_available
 from vllm.logger import init_logger
 from vllm.model_executor.layers.fused_moe.activation import MoEActivation
@@ -176,10 +177,15 @@ def install_beam(model: nn.Module, vllm_config: VllmConfig) -> dict[int, BeamMoE
     config, export = beam_config_for(vllm_config)
     hidden_size = vllm_config.model_config.hf_text_config.hidden_size
     device_type = vllm_config.device_config.device_type
+    if device_type == "cuda" and vllm_config.compilation_config.cudagraph_mode != CUDAGraphMode.NONE:
+        raise BeamError(
+            "BEAM runs only the kept (token, expert) pairs, a data-dependent amount of work that CUDA "
+            "graphs cannot capture; serve with --enforce-eager (LLM(..., enforce_eager=True))"
+        )
     executor = _make_executor(config, device_type)
     wanted = set(export["mask_layers"])
     runners: dict[int, BeamMoERunner] = {}
-    SERVING_STATS.clear()
+    SERVING_STATS.clear(log=get_tensor_model_parallel_rank() == 0)  # ranks see the same masks
     for name, module in model.named_modules():
         match = _LAYER_INDEX.search(name)
         if not isinstance(module, MoERunner) or match is None or int(match.group(1)) not in wanted:

@@ -31,6 +31,7 @@ class ServingStats:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        self.log = True
         self.layer_names: list[str] = []
         self.top_k: list[int] = []
         self.stats = BeamStats([], [])
@@ -38,9 +39,10 @@ class ServingStats:
         self._tokens_at_last_log = 0
         self._kept_at_last_log = 0
 
-    def clear(self) -> None:
-        """Forget the layers (a new model is being built in this process)."""
+    def clear(self, log: bool = True) -> None:
+        """Forget the layers (a new model is being built in this process); `log` for one rank of a group."""
         with self._lock:
+            self.log = log
             self.layer_names, self.top_k = [], []
             self._reset()
 
@@ -76,7 +78,7 @@ class ServingStats:
     def _maybe_log(self) -> None:
         interval = float(os.environ.get(LOG_INTERVAL_ENV, "10"))
         now = time.monotonic()
-        if interval <= 0 or now - self._last_log < interval:
+        if not self.log or interval <= 0 or now - self._last_log < interval:
             return
         self._last_log = now
         summary = self.summary()
