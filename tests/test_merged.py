@@ -12,6 +12,15 @@ from beam_moe.merged import effective_beam_config, mask_layer_index
 from serving_models import PROMPTS, save_base, save_merged
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from a second thread, and on a busy 2-core machine it costs seconds per op."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def qwen3(tmp_path_factory):
     root = tmp_path_factory.mktemp("merged")
@@ -110,6 +119,8 @@ def test_effective_config_rules(qwen3):
         effective_beam_config(config, {"layers": [0]})
     with pytest.raises(BeamError, match="threshold must lie strictly between 0 and 1"):
         effective_beam_config(config, {"threshold": 1.5})
+    with pytest.raises(BeamError, match=r"unknown BEAM settings \['threshhold'\]"):
+        effective_beam_config(config, {"threshhold": 0.6})
     with pytest.raises(BeamError, match="not a merged BEAM checkpoint"):
         effective_beam_config({"beam": {}})
     with pytest.raises(BeamError, match="not a merged BEAM checkpoint"):

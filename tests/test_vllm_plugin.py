@@ -26,6 +26,15 @@ MLA_FAMILIES = ["deepseek_v2", "deepseek_v3"]
 HERE = Path(__file__).parent
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from a second thread, and on a busy 2-core machine it costs seconds per op."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("vllm")
@@ -57,6 +66,7 @@ def vllm_results(checkpoints, tmp_path_factory):
         case("fresh", checkpoints["fresh"]),
         case("base", checkpoints["base"], beam=False),
         *[case(family, checkpoints[family]) for family in OTHER_FAMILIES],
+        case("bad-override", checkpoints["trained"], hf_overrides={"beam": {"bias": True}}),
     ]
     root = tmp_path_factory.mktemp("vllm-run")
     (root / "spec.json").write_text(json.dumps({"cases": cases}))
@@ -171,6 +181,11 @@ def test_mla_families_serve_with_masks(family, checkpoints, vllm_results):
     assert served["stats"]["computed_rows"] == served["stats"]["kept_pairs"]
     assert abs(served["stats"]["kept_pairs"] - stats.kept_pairs) <= 0.05 * stats.routed_pairs
     assert served["stats"]["kept_pairs"] < 0.9 * stats.routed_pairs
+
+
+def test_structural_override_is_refused(vllm_results):
+    error = vllm_results["bad-override"].get("error", "")
+    assert "BeamError" in error and "bias cannot change after export" in error
 
 
 def test_plain_transformers_sees_the_base_model(checkpoints):

@@ -191,6 +191,12 @@ def effective_beam_config(
         raise BeamError(f"{source}: the beam section must be an object, got {type(beam).__name__}")
     changes = {**beam, **(overrides or {})}
     exported = BeamConfig.from_dict(export["config"]).to_dict()
+    unknown = sorted(set(changes) - set(exported))
+    if unknown:
+        raise BeamError(
+            f"{source}: unknown BEAM settings {unknown}; the ones that can change at serve time are "
+            f"{', '.join(RUNTIME_KEYS)}"
+        )
     fixed = sorted(k for k, v in changes.items() if k not in RUNTIME_KEYS and exported.get(k, v) != v)
     if fixed:
         raise BeamError(
