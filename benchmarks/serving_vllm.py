@@ -141,7 +141,7 @@ def measure(model: Path, name: str, args: argparse.Namespace, overrides: dict | 
         enforce_eager=not args.compile,
         enable_prefix_caching=False,
         distributed_executor_backend="uni",
-        worker_extension_cls=WORKER_EXTENSION if beam else None,
+        worker_extension_cls=WORKER_EXTENSION if beam else "",
         hf_overrides=overrides or {},
         seed=0,
     )
@@ -212,6 +212,8 @@ def machine() -> dict:
         "transformers": transformers.__version__,
         "vllm": vllm.__version__,
         "load_average_at_start": os.getloadavg(),
+        "vllm_cpu_omp_threads_bind": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto"),
+        "vllm_cpu_kvcache_space_gib": os.environ["VLLM_CPU_KVCACHE_SPACE"],
     }
 
 
