@@ -193,6 +193,18 @@ def measure(model: Path, name: str, args: argparse.Namespace, overrides: dict | 
     return result
 
 
+def cli_options(args: argparse.Namespace) -> list[str]:
+    """The options that reproduce this run (paths left out)."""
+    options = []
+    for key, value in vars(args).items():
+        flag = f"--{key.replace('_', '-')}"
+        if isinstance(value, bool):
+            options += [flag] if value else []
+        elif key not in ("work", "output"):
+            options += [flag, str(value)]
+    return options
+
+
 def machine() -> dict:
     import transformers
     import vllm
@@ -262,9 +274,8 @@ def main() -> None:
             }
     document = {
         "benchmark": "vLLM serving, BEAM vs base (benchmarks/serving_vllm.py)",
-        "command": "flock /work/locks/cpu.lock .venv/bin/python benchmarks/serving_vllm.py "
-        + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("work", "output")
+        "command": " ".join(
+            ["flock /work/locks/cpu.lock .venv/bin/python benchmarks/serving_vllm.py", *cli_options(args)]
         ),
         "machine": machine(),
         "model": {
