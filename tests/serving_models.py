@@ -29,6 +29,7 @@ VLLM_SIZES: dict[str, dict] = {
     "mixtral": _TWO_HEADS,
     "deepseek_v2": _CPU_MLA,
     "deepseek_v3": dict(_CPU_MLA, topk_method="noaux_tc"),  # vLLM creates the correction bias only then
+    "gpt_oss": dict(head_dim=32),
 }
 ROUTER_SCALE = {"deepseek_v3": 3.0}  # sigmoid scores saturate at 1.0 (ties) if scaled further
 LM_HEAD_SCALE = 30.0

@@ -21,7 +21,7 @@ from beam_moe.merged import mask_layer_index
 from serving_models import PROMPTS, save_base, save_merged
 
 MAX_TOKENS = 10
-OTHER_FAMILIES = ["qwen2_moe", "olmoe", "mixtral", "deepseek_v2", "deepseek_v3"]
+OTHER_FAMILIES = ["qwen2_moe", "olmoe", "mixtral", "gpt_oss", "deepseek_v2", "deepseek_v3"]
 MLA_FAMILIES = ["deepseek_v2", "deepseek_v3"]
 HERE = Path(__file__).parent
 

@@ -25,6 +25,7 @@ ARCHITECTURES: dict[str, str] = {
     "BeamMixtralForCausalLM": f"{MODELS_MODULE}:BeamMixtralForCausalLM",
     "BeamDeepseekV2ForCausalLM": f"{MODELS_MODULE}:BeamDeepseekV2ForCausalLM",
     "BeamDeepseekV3ForCausalLM": f"{MODELS_MODULE}:BeamDeepseekV3ForCausalLM",
+    "BeamGptOssForCausalLM": f"{MODELS_MODULE}:BeamGptOssForCausalLM",
 }
 
 

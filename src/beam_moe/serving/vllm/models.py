@@ -12,6 +12,7 @@ from collections.abc import Iterable, Iterator
 from torch import Tensor
 from vllm.config import VllmConfig
 from vllm.model_executor.models.deepseek_v2 import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM
+from vllm.model_executor.models.gpt_oss import GptOssForCausalLM
 from vllm.model_executor.models.mixtral import MixtralForCausalLM
 from vllm.model_executor.models.olmoe import OlmoeForCausalLM
 from vllm.model_executor.models.qwen2_moe import Qwen2MoeForCausalLM
@@ -63,3 +64,7 @@ class BeamDeepseekV2ForCausalLM(BeamMoEModel, DeepseekV2ForCausalLM):
 
 class BeamDeepseekV3ForCausalLM(BeamMoEModel, DeepseekV3ForCausalLM):
     """DeepSeek-V3 / R1 with BEAM (shared experts always run)."""
+
+
+class BeamGptOssForCausalLM(BeamMoEModel, GptOssForCausalLM):
+    """gpt-oss-20b / 120b with BEAM."""

@@ -138,7 +138,7 @@ class BeamMoERunner(MoERunner):
         routing = apply_mask(
             weights,
             ids,
-            self.beam_mask(hidden_states),
+            self.beam_mask(hidden_states[..., : self.beam_mask.in_features]),  # kernels may pad H
             self.beam_config.threshold,
             renormalize=self.beam_config.renormalize,
         )
