@@ -104,9 +104,12 @@ def sort_kept_pairs(ids: Tensor, num_experts: int) -> KeptPairs:
 
 
 def _sort_on_host(ids: Tensor, num_experts: int) -> KeptPairs:
-    """The same sort as Python lists: a few microseconds instead of a dozen tensor ops."""
+    """The same sort with the bookkeeping in Python lists: a few microseconds instead of a dozen
+    tensor ops. The order is still torch.sort's, so the GEMMs see the rows transformers gives them."""
     top_k = ids.shape[1]
-    kept = sorted((e, i) for i, e in enumerate(ids.reshape(-1).tolist()) if e < num_experts)
+    flat_ids = ids.reshape(-1)
+    expert_of = flat_ids.tolist()
+    kept = [(expert_of[i], i) for i in torch.sort(flat_ids).indices.tolist() if expert_of[i] < num_experts]
     spans: list[tuple[int, int, int]] = []
     for row, (expert, _) in enumerate(kept):
         if spans and spans[-1][0] == expert:
@@ -187,37 +190,39 @@ def _expert_loop(w: ExpertWeights, hidden: Tensor, pairs: KeptPairs, in_place: b
 
 
 COMBINE_CHUNK_BYTES = 2 << 20
-"""The CPU combine converts rows to float32 this many bytes at a time (about an L2 cache)."""
+"""The CPU combine gathers and converts rows to float32 this many bytes at a time (about an L2 cache)."""
 
 
 def combine_rows(y: Tensor, row_weights: Tensor, pairs: KeptPairs, hidden: Tensor) -> Tensor:
     """Σ over each token's kept rows of weight · row, accumulated in float32 (or wider).
 
-    On the CPU an index_add_ into [T, H] (sequential, deterministic), fed in chunks: a float32
-    copy of all rows at once would be a fresh allocation of S x H x 4 bytes (33 MB for a
-    512-token prefill, above glibc's mmap threshold, so page faults on every call) and cost ten
-    times the GEMM-free rest of the layer. With autograd, one out-of-place pass instead. On
-    accelerators, where index_add_ uses atomics (run-to-run rounding differences), each slot
-    gathers its row (or a zero row when masked) and the K slots are summed, as transformers does.
+    The sum runs over each token's K slots in slot order (a masked slot adds an exact zero), the
+    order transformers' experts use, so with nothing masked a float32 model's output is the base
+    model's bit for bit. On the CPU it runs in chunks of tokens: a float32 copy of all rows at once
+    would be a fresh S x H x 4-byte allocation (33 MB for a 512-token prefill, above glibc's mmap
+    threshold, so page faults on every call) and cost ten times the GEMM-free rest of the layer.
     """
     accumulate = torch.promote_types(y.dtype, torch.float32)
     row_weights = row_weights.to(accumulate).unsqueeze(-1)
     num_tokens, hidden_size = hidden.shape
-    if hidden.device.type != "cpu":
+    needs_grad = torch.is_grad_enabled() and (y.requires_grad or row_weights.requires_grad)
+    if hidden.device.type != "cpu" or needs_grad:
         return combine_rows_deterministic(y * row_weights, pairs, hidden)
-    out = torch.zeros(num_tokens, hidden_size, dtype=accumulate, device=hidden.device)
-    chunk = max(1, COMBINE_CHUNK_BYTES // (hidden_size * out.element_size()))
-    if pairs.num_rows <= chunk or (
-        torch.is_grad_enabled() and (y.requires_grad or row_weights.requires_grad)
-    ):
-        return out.index_add(0, pairs.tokens, y * row_weights).to(hidden.dtype)
-    buffer = out.new_empty(min(chunk, pairs.num_rows), hidden_size)
-    for start in range(0, pairs.num_rows, chunk):
-        end = min(start + chunk, pairs.num_rows)
-        rows = buffer[: end - start]
-        rows.copy_(y[start:end])
-        rows.mul_(row_weights[start:end])
-        out.index_add_(0, pairs.tokens[start:end], rows)
+    top_k = pairs.top_k
+    slot_rows = torch.zeros(num_tokens * top_k, dtype=torch.long)
+    slot_rows[pairs.order] = torch.arange(pairs.num_rows)
+    slot_weights = torch.zeros(num_tokens * top_k, 1, dtype=accumulate)
+    slot_weights[pairs.order] = row_weights
+    masked = torch.ones(num_tokens * top_k, 1, dtype=torch.bool)
+    masked[pairs.order] = False
+    out = torch.empty(num_tokens, hidden_size, dtype=accumulate)
+    tokens_per_chunk = max(1, COMBINE_CHUNK_BYTES // (top_k * hidden_size * out.element_size()))
+    for start in range(0, num_tokens, tokens_per_chunk):
+        end = min(start + tokens_per_chunk, num_tokens)
+        slots = slice(start * top_k, end * top_k)
+        rows = y.index_select(0, slot_rows[slots]).to(accumulate)
+        rows.mul_(slot_weights[slots]).masked_fill_(masked[slots], 0.0)  # masked slots read row 0
+        torch.sum(rows.view(end - start, top_k, hidden_size), dim=1, out=out[start:end])
     return out.to(hidden.dtype)
 
 
