@@ -149,6 +149,21 @@ def test_deterministic_combine_equals_index_add(chunk_bytes, monkeypatch):
     assert torch.all(got[1] == 0)
 
 
+@pytest.mark.parametrize("chunk_bytes", [None, 3 * 6 * 4], ids=["one-pass", "one-token-chunks"])
+def test_keep_all_combine_sums_slots_in_slot_order(chunk_bytes, monkeypatch):
+    from beam_moe.experts import grouped
+
+    if chunk_bytes:
+        monkeypatch.setattr(grouped, "COMBINE_CHUNK_BYTES", chunk_bytes)
+    ids = torch.tensor([[2, 5, 0], [1, 2, 3], [4, 0, 1]])
+    pairs = sort_kept_pairs(ids, num_experts=6)
+    y = torch.randn(pairs.num_rows, 6)
+    row_weights = torch.rand(pairs.num_rows)
+    hidden = torch.zeros(3, 6)
+    expected = combine_rows_deterministic(y * row_weights.unsqueeze(-1), pairs, hidden)
+    assert torch.equal(combine_rows(y, row_weights, pairs, hidden), expected)  # bit for bit
+
+
 def test_host_and_tensor_sorts_agree():
     from beam_moe.experts.grouped import SMALL_ROUTING, _sort_on_host
 

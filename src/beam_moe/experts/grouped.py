@@ -196,11 +196,12 @@ COMBINE_CHUNK_BYTES = 2 << 20
 def combine_rows(y: Tensor, row_weights: Tensor, pairs: KeptPairs, hidden: Tensor) -> Tensor:
     """Σ over each token's kept rows of weight · row, accumulated in float32 (or wider).
 
-    The sum runs over each token's K slots in slot order (a masked slot adds an exact zero), the
-    order transformers' experts use, so with nothing masked a float32 model's output is the base
-    model's bit for bit. On the CPU it runs in chunks of tokens: a float32 copy of all rows at once
-    would be a fresh S x H x 4-byte allocation (33 MB for a 512-token prefill, above glibc's mmap
-    threshold, so page faults on every call) and cost ten times the GEMM-free rest of the layer.
+    With every slot kept, the sum runs over each token's K slots in slot order, as transformers'
+    experts sum them, so a fresh adapter on a float32 model is the base model bit for bit. With
+    slots masked, an index_add_ over the kept rows only (the masked slots cost nothing). On the CPU
+    both run in chunks through reused buffers: a float32 copy of all rows at once would be a fresh
+    S x H x 4-byte allocation (33 MB for a 512-token prefill, above glibc's mmap threshold, so page
+    faults on every call) and cost ten times the GEMM-free rest of the layer.
     """
     accumulate = torch.promote_types(y.dtype, torch.float32)
     row_weights = row_weights.to(accumulate).unsqueeze(-1)
@@ -208,21 +209,41 @@ def combine_rows(y: Tensor, row_weights: Tensor, pairs: KeptPairs, hidden: Tenso
     needs_grad = torch.is_grad_enabled() and (y.requires_grad or row_weights.requires_grad)
     if hidden.device.type != "cpu" or needs_grad:
         return combine_rows_deterministic(y * row_weights, pairs, hidden)
+    if pairs.num_rows == num_tokens * pairs.top_k:
+        return _combine_all_slots(y, row_weights, pairs, hidden, accumulate)
+    out = torch.zeros(num_tokens, hidden_size, dtype=accumulate)
+    chunk = max(1, COMBINE_CHUNK_BYTES // (hidden_size * out.element_size()))
+    buffer = out.new_empty(min(chunk, pairs.num_rows), hidden_size)
+    for start in range(0, pairs.num_rows, chunk):
+        end = min(start + chunk, pairs.num_rows)
+        rows = buffer[: end - start]
+        rows.copy_(y[start:end])
+        rows.mul_(row_weights[start:end])
+        out.index_add_(0, pairs.tokens[start:end], rows)
+    return out.to(hidden.dtype)
+
+
+def _combine_all_slots(
+    y: Tensor, row_weights: Tensor, pairs: KeptPairs, hidden: Tensor, accumulate: torch.dtype
+) -> Tensor:
+    num_tokens, hidden_size = hidden.shape
     top_k = pairs.top_k
-    slot_rows = torch.zeros(num_tokens * top_k, dtype=torch.long)
+    slot_rows = torch.empty(num_tokens * top_k, dtype=torch.long)
     slot_rows[pairs.order] = torch.arange(pairs.num_rows)
-    slot_weights = torch.zeros(num_tokens * top_k, 1, dtype=accumulate)
+    slot_weights = torch.empty(num_tokens * top_k, 1, dtype=accumulate)
     slot_weights[pairs.order] = row_weights
-    masked = torch.ones(num_tokens * top_k, 1, dtype=torch.bool)
-    masked[pairs.order] = False
     out = torch.empty(num_tokens, hidden_size, dtype=accumulate)
     tokens_per_chunk = max(1, COMBINE_CHUNK_BYTES // (top_k * hidden_size * out.element_size()))
+    rows_per_chunk = min(tokens_per_chunk, num_tokens) * top_k
+    gathered = y.new_empty(rows_per_chunk, hidden_size)
+    widened = out.new_empty(rows_per_chunk, hidden_size)
     for start in range(0, num_tokens, tokens_per_chunk):
         end = min(start + tokens_per_chunk, num_tokens)
         slots = slice(start * top_k, end * top_k)
-        rows = y.index_select(0, slot_rows[slots]).to(accumulate)
-        rows.mul_(slot_weights[slots]).masked_fill_(masked[slots], 0.0)  # masked slots read row 0
-        torch.sum(rows.view(end - start, top_k, hidden_size), dim=1, out=out[start:end])
+        rows = gathered[: slots.stop - slots.start]
+        torch.index_select(y, 0, slot_rows[slots], out=rows)
+        wide = widened[: rows.shape[0]].copy_(rows).mul_(slot_weights[slots])
+        torch.sum(wide.view(end - start, top_k, hidden_size), dim=1, out=out[start:end])
     return out.to(hidden.dtype)
 
 
