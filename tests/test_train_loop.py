@@ -60,6 +60,13 @@ def test_beta_zero_keeps_avg_k_near_k_on_a_model_whose_experts_matter(workdir):
     assert result.metrics["val_avg_k"] >= 0.6 * 4, result.metrics
 
 
+def test_beta_zero_with_distillation_keeps_almost_every_expert(workdir):
+    # At keep-all the student equals its teacher, so the KL gradient vanishes and the heads stay
+    # at the threshold: only rounding moves them.
+    result = train(**options(workdir, "beta0-distill", objective="distill", beta=0.0, max_steps=20))
+    assert result.metrics["val_avg_k"] >= 0.95 * 4, result.metrics
+
+
 def test_mask_mode_trains_only_the_heads(workdir):
     trainer = Trainer(TrainConfig(**options(workdir, "mask-only")))
     trainer.run()
