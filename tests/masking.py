@@ -28,10 +28,13 @@ def masked_reference(base: nn.Module, heads: dict[str, torch.Tensor], threshold:
 
         def hook(module, args, output, weight=weight):
             x = args[0].reshape(-1, weight.shape[1]).float()
-            logits, g, ids = output[:3]
+            _, at_weights, at_ids = family.router_outputs
+            g, ids = output[at_weights], output[at_ids]
             z = (x @ weight.float().T).gather(1, ids)
             keep = torch.sigmoid(z) >= threshold
-            return (logits, g * keep.to(g.dtype), ids, *output[3:])
+            masked = list(output)
+            masked[at_weights] = g * keep.to(g.dtype)
+            return tuple(masked)
 
         handles.append(family.router(block).register_forward_hook(hook))
     return handles

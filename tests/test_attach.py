@@ -45,8 +45,10 @@ def test_fresh_adapter_reproduces_base_logits(family, mode):
     model.train(mode == "train")
     tokens = token_batch()
     with torch.no_grad():
+        torch.manual_seed(0)  # some routers sample in training mode (Phi-MoE's SparseMixer, jitter)
         base = model(tokens).logits
         attach(model)
+        torch.manual_seed(0)
         out = model(tokens).logits
     assert (out - base).abs().max() <= 1e-6
 
@@ -80,7 +82,8 @@ def test_eval_computes_only_kept_pairs_and_training_computes_all(family):
     with torch.no_grad(), beam_stats(model) as train_stats:
         model(tokens)
     assert train_stats.computed_rows == train_stats.routed_pairs
-    assert train_stats.kept_pairs == stats.kept_pairs
+    if family != "phimoe":  # Phi-MoE's router samples its Top-K in training mode
+        assert train_stats.kept_pairs == stats.kept_pairs
 
 
 def test_everything_masked_runs_no_expert_at_all(family):
@@ -231,10 +234,11 @@ def test_routing_policy_replaces_the_heads_and_skips_the_same_compute(family):
     assert stats.computed_rows == stats.kept_pairs == stats.tokens * len(stats.per_layer)
 
     def drop_second(module, args, output):
-        logits, g, ids = output[:3]
-        g = g.clone()
-        g[:, 1:] = 0
-        return (logits, g, ids, *output[3:])
+        at_weights = get_attachment(reference).family.router_outputs[1]
+        masked = list(output)
+        masked[at_weights] = output[at_weights].clone()
+        masked[at_weights][:, 1:] = 0
+        return tuple(masked)
 
     handles = [
         layer.router.register_forward_hook(drop_second) for layer in get_attachment(attach(reference)).layers

@@ -69,3 +69,16 @@ def test_l1_regularizer_is_mean_of_sigmoid_over_topk_slots():
     reg.backward()
     s = torch.sigmoid(z.detach())
     torch.testing.assert_close(z.grad, s * (1 - s) / 4)
+
+
+def test_slot_logits_equal_the_full_logits_at_the_ids():
+    """Few tokens read only the rows of W_m they need; many tokens use the full product."""
+    head = MaskHead(16, 8, bias=True, init="normal", init_std=0.5)
+    with torch.no_grad():
+        head.bias.normal_()
+    generator = torch.Generator().manual_seed(0)
+    for tokens in (1, 3, 12):  # 3 and 6 pairs read rows, 24 uses the full product
+        x = torch.randn(tokens, 16, generator=generator, dtype=torch.bfloat16)
+        ids = torch.stack([torch.randperm(8, generator=generator)[:2] for _ in range(tokens)])
+        expected = head(x).gather(1, ids)
+        torch.testing.assert_close(head.slot_logits(x, ids), expected, rtol=1e-6, atol=1e-6)

@@ -21,6 +21,7 @@ from beam_moe.checkpoint import load_beam, read_adapter_config, save_beam
 from beam_moe.config import BeamConfig
 from beam_moe.errors import BeamError
 from beam_moe.mask import MaskHead
+from beam_moe.merged import from_pretrained
 from beam_moe.routing import MaskedRouting, RoutingPolicy, apply_keep, apply_mask, to_sentinel
 from beam_moe.stats import BeamStats, beam_stats
 
@@ -39,6 +40,7 @@ __all__ = [
     "attach",
     "beam_stats",
     "detach",
+    "from_pretrained",
     "get_attachment",
     "is_attached",
     "last_avg_k",

@@ -53,7 +53,7 @@ def attach(model: nn.Module, config: BeamConfig | None = None) -> nn.Module:
             bias=config.bias,
             init=config.init,
             init_std=config.init_std,
-            device=layer.router.weight.device,
+            device=family.router_weight(layer.router).device,
         )
         head.train(layer.block.training)
         layer.install(head)

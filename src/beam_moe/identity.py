@@ -50,7 +50,8 @@ def base_identity(model: torch.nn.Module, family: MoEFamily) -> dict[str, Any]:
     config = getattr(model, "config", None)
     blocks = family.find_blocks(model)
     routers = [family.router(block) for _, block in blocks]
-    num_experts, hidden_size = routers[0].weight.shape
+    weights = [family.router_weight(router) for router in routers]
+    num_experts, hidden_size = weights[0].shape
     return {
         "model_type": family.model_type,
         "name_or_path": getattr(config, "_name_or_path", "") or "",
@@ -59,7 +60,7 @@ def base_identity(model: torch.nn.Module, family: MoEFamily) -> dict[str, Any]:
         "num_experts": int(num_experts),
         "top_k": int(routers[0].top_k),
         "moe_blocks": [name for name, _ in blocks],
-        "router_fingerprint": [router_fingerprint(router.weight) for router in routers],
+        "router_fingerprint": [router_fingerprint(weight) for weight in weights],
     }
 
 

@@ -1,7 +1,7 @@
 """BEAM on one MoE block: the mask head beside the router, and expert execution that skips masked pairs.
 
 The block's own forward is untouched (shared experts, jitter, output format). Two things change:
-- a forward hook on the router replaces its Top-K weights with `g * keep` (routing.apply_mask);
+- a forward hook on the router replaces its Top-K weights with `g * keep` (routing.apply_slot_mask);
   in eval mode masked slots also get the sentinel id E, so the experts never compute them;
 - the experts module's forward runs a BEAM expert backend, which skips ids >= E.
 In training mode all K experts are computed (weights g * keep with a straight-through gradient),
@@ -18,7 +18,7 @@ from beam_moe.adapters.base import MoEFamily
 from beam_moe.config import BeamConfig
 from beam_moe.experts import ExpertWeights, get_backend
 from beam_moe.mask import MaskHead
-from beam_moe.routing import RoutingPolicy, apply_keep, apply_mask, to_sentinel
+from beam_moe.routing import RoutingPolicy, apply_keep, apply_slot_mask, to_sentinel
 
 if TYPE_CHECKING:
     from beam_moe.stats import BeamStats
@@ -41,7 +41,8 @@ class BeamMoELayer:
         self.block = block
         self.router = family.router(block)
         self.experts = family.experts(block)
-        self.num_experts, self.hidden_size = self.router.weight.shape
+        self.family = family
+        self.num_experts, self.hidden_size = family.router_weight(self.router).shape
         self.top_k = int(self.router.top_k)
         self.config = config
         self.sinks = sinks
@@ -70,10 +71,15 @@ class BeamMoELayer:
 
     def _mask_router_output(self, router: nn.Module, args: tuple, kwargs: dict, output: tuple) -> tuple:
         hidden = args[0] if args else next(iter(kwargs.values()))
-        logits, weights, ids = output[0], output[1], output[2]
+        at_logits, at_weights, at_ids = self.family.router_outputs
+        logits, weights, ids = output[at_logits], output[at_weights], output[at_ids]
         if self.policy is None:
-            routing = apply_mask(
-                weights, ids, self.head(hidden), self.config.threshold, renormalize=self.config.renormalize
+            routing = apply_slot_mask(
+                weights,
+                ids,
+                self.head.slot_logits(hidden, ids),
+                self.config.threshold,
+                renormalize=self.config.renormalize,
             )
         else:
             keep = self.policy(hidden.reshape(-1, self.hidden_size), logits, weights, ids)
@@ -84,7 +90,9 @@ class BeamMoELayer:
             sink._add_routing(self.index, routing.keep, ids, routing.soft, weights)
         if not self.block.training:
             ids = to_sentinel(ids, routing.keep, self.num_experts)
-        return (logits, routing.weights, ids, *output[3:])
+        masked = list(output)
+        masked[at_weights], masked[at_ids] = routing.weights, ids
+        return tuple(masked)
 
     def _run_experts(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
         backend = get_backend(self.config.backend, hidden_states.device)

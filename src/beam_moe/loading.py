@@ -67,10 +67,19 @@ def load_beam_model(
     dtype: str | torch.dtype = "float32",
     device: str = "cpu",
 ) -> nn.Module:
-    """The base model named in the adapter (or `base`) with the adapter attached."""
+    """The base model named in the adapter (or `base`) with the adapter attached.
+
+    An adapter written by `beam-moe train --train mask+router|lora|full` also needs the weights
+    that trained with it (routers, LoRA, the whole model); they are applied first.
+    """
     from beam_moe.checkpoint import load_beam, read_adapter_config
 
     document = read_adapter_config(adapter)
+    extra = document.get("extra") or {}
+    if extra.get("model_weights"):
+        from beam_moe.train.output import rebuild_trained_base
+
+        return load_beam(rebuild_trained_base(adapter, extra, base, dtype, device), adapter)
     base = base or document["base"].get("name_or_path")
     if not base:
         raise BeamError(f"the adapter at {adapter} does not name its base model; pass --model")

@@ -53,6 +53,21 @@ class MaskHead(nn.Linear):
         x = hidden_states.reshape(-1, self.in_features)
         return F.linear(x.to(self.weight.dtype), self.weight, self.bias).float()
 
+    def slot_logits(self, hidden_states: Tensor, ids: Tensor) -> Tensor:
+        """z_k = z[ids] [T, K] in float32: the logits routing needs, and only those.
+
+        With fewer (token, slot) pairs than experts (decode), only the K rows of W_m that each
+        token's ids name are read, instead of all E (an fp32 head is 1 MiB for 128 x 2048).
+        """
+        x = hidden_states.reshape(-1, self.in_features).to(self.weight.dtype)
+        ids = ids.long()
+        if ids.numel() >= self.out_features:
+            return self.forward(x).gather(1, ids)
+        z = torch.bmm(self.weight[ids], x.unsqueeze(-1)).squeeze(-1)
+        if self.bias is not None:
+            z = z + self.bias[ids]
+        return z.float()
+
 
 def straight_through_mask(soft: Tensor, threshold: float) -> tuple[Tensor, Tensor]:
     """Hard 0/1 mask with the gradient of `soft`.

@@ -47,7 +47,22 @@ def apply_mask(
     the kept weights are rescaled to the sum of the Top-K weights (a token that keeps nothing
     gets all zeros), which preserves `norm_topk_prob` and `routed_scaling_factor`.
     """
-    soft = torch.sigmoid(mask_logits.float().gather(1, ids.long()))
+    return apply_slot_mask(
+        weights, ids, mask_logits.float().gather(1, ids.long()), threshold, renormalize=renormalize
+    )
+
+
+def apply_slot_mask(
+    weights: Tensor,
+    ids: Tensor,
+    slot_logits: Tensor,
+    threshold: float,
+    *,
+    renormalize: bool = False,
+) -> MaskedRouting:
+    """`apply_mask` with the mask logits already taken at the Top-K ids: z_k [T, K]
+    (`MaskHead.slot_logits`, which reads only the rows it needs at decode)."""
+    soft = torch.sigmoid(slot_logits.float())
     keep, hard = straight_through_mask(soft, threshold)
     return MaskedRouting(weights=_gate(weights, hard, renormalize), ids=ids, keep=keep, soft=soft)
 

@@ -4,13 +4,57 @@ from __future__ import annotations
 
 from torch import nn
 
-from beam_moe.adapters import deepseek_v2, deepseek_v3, gpt_oss, mixtral, olmoe, qwen2_moe, qwen3_moe
+from beam_moe.adapters import (
+    deepseek_v2,
+    deepseek_v3,
+    dots1,
+    ernie4_5_moe,
+    flex_olmo,
+    glm4_moe,
+    glm4_moe_lite,
+    gpt_oss,
+    granitemoe,
+    granitemoeshared,
+    hunyuan_v1_moe,
+    lfm2_moe,
+    minimax,
+    minimax_m2,
+    mixtral,
+    olmoe,
+    phimoe,
+    qwen2_moe,
+    qwen3_moe,
+    qwen3_next,
+)
 from beam_moe.adapters.base import MoEFamily
 from beam_moe.errors import BeamError
 
 FAMILIES: dict[str, MoEFamily] = {
     module.FAMILY.model_type: module.FAMILY
-    for module in (qwen3_moe, qwen2_moe, deepseek_v2, deepseek_v3, olmoe, mixtral, gpt_oss)
+    for module in (
+        # The families of design.md, the paper's first.
+        qwen3_moe,
+        qwen2_moe,
+        deepseek_v2,
+        deepseek_v3,
+        olmoe,
+        mixtral,
+        gpt_oss,
+        # Newer families that follow the same router/experts split.
+        qwen3_next,
+        glm4_moe,
+        glm4_moe_lite,
+        ernie4_5_moe,
+        minimax,
+        minimax_m2,
+        phimoe,
+        granitemoe,
+        granitemoeshared,
+        hunyuan_v1_moe,
+        dots1,
+        flex_olmo,
+        lfm2_moe,
+    )
 }
 
 

@@ -57,7 +57,7 @@ def describe(path: str) -> dict:
         info.update(
             family=family.description,
             moe_blocks=len(blocks),
-            num_experts=int(router.weight.shape[0]) if router is not None else None,
+            num_experts=int(family.router_weight(router).shape[0]) if router is not None else None,
             top_k=int(router.top_k) if router is not None else None,
             shared_experts=bool(family.shared_expert_attrs),
         )

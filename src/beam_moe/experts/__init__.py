@@ -14,13 +14,25 @@ from torch import Tensor
 from beam_moe.errors import BeamError
 from beam_moe.experts.grouped import grouped_experts, grouped_mm_available
 from beam_moe.experts.reference import reference_experts
+from beam_moe.experts.triton import triton_available, triton_experts
 from beam_moe.experts.weights import ExpertWeights
 
 ExpertBackend = Callable[[ExpertWeights, Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
 
-_BACKENDS: dict[str, ExpertBackend] = {"reference": reference_experts, "grouped": grouped_experts}
-_AVAILABLE: dict[str, Callable[[], bool]] = {"reference": lambda: True, "grouped": grouped_mm_available}
-_AUTO_ORDER: dict[str, list[str]] = {"cpu": ["grouped", "reference"], "cuda": ["grouped", "reference"]}
+_BACKENDS: dict[str, ExpertBackend] = {
+    "reference": reference_experts,
+    "grouped": grouped_experts,
+    "triton": triton_experts,
+}
+_AVAILABLE: dict[str, Callable[[], bool]] = {
+    "reference": lambda: True,
+    "grouped": grouped_mm_available,
+    "triton": triton_available,
+}
+_AUTO_ORDER: dict[str, list[str]] = {
+    "cpu": ["grouped", "reference"],
+    "cuda": ["triton", "grouped", "reference"],
+}
 
 
 def register_backend(name: str, fn: ExpertBackend, available: Callable[[], bool] = lambda: True) -> None:

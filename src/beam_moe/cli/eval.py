@@ -1,0 +1,119 @@
+"""`beam-moe eval O --ppl FILE [--tasks ...]`: perplexity, Avg-K, MoE-layer FLOPs, lm-eval tasks, baselines."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from beam_moe.cli._evaluation import (
+    add_baseline_arguments,
+    add_model_arguments,
+    add_text_arguments,
+    apply_routing,
+    check_baseline_arguments,
+    dump_json,
+)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "eval",
+        help="perplexity, Avg-K and MoE-layer FLOPs of a BEAM adapter (or a baseline); lm-eval tasks",
+        description="Evaluate a BEAM adapter folder (or a model folder: fresh heads keep every expert, so "
+        "it evaluates as the base model). Without --ppl and --tasks, perplexity runs on the shipped "
+        "held-out Wikipedia text.",
+    )
+    parser.add_argument("path", metavar="O", help="BEAM adapter folder, or a transformers model folder")
+    parser.add_argument("--ppl", metavar="FILE", help="text for perplexity: .jsonl (field 'text') or .txt")
+    parser.add_argument(
+        "--tasks",
+        nargs="+",
+        metavar="TASK",
+        help="lm-eval tasks, space- or comma-separated (shipped: beam_wiki_ppl beam_wiki_cloze)",
+    )
+    parser.add_argument("--include-path", action="append", default=[], help="extra lm-eval task folder")
+    parser.add_argument("--limit", type=float, help="lm-eval: documents per task (or a fraction)")
+    parser.add_argument("--num-fewshot", type=int, help="lm-eval: few-shot examples")
+    add_model_arguments(parser)
+    add_text_arguments(parser)
+    add_baseline_arguments(parser)
+    parser.add_argument("--output", help="also write the JSON result to this file")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from beam_moe.eval import DEFAULT_PPL_FILE, measured_flops, perplexity, read_texts, run_tasks
+    from beam_moe.eval.load import load_eval_model
+
+    check_baseline_arguments(args)
+    ppl_file = args.ppl or (None if args.tasks else str(DEFAULT_PPL_FILE))
+    if ppl_file is not None:
+        read_texts(ppl_file, text_key=args.text_key)  # a missing or empty file fails before the model loads
+    model, tokenizer, loaded = load_eval_model(args.path, args.model, args.dtype, args.device)
+    routing = apply_routing(args, model, tokenizer, ppl_file or str(DEFAULT_PPL_FILE))
+    mask_head = routing["method"] == "beam"
+    document: dict[str, Any] = {**loaded, "routing": routing}
+    per_layer = None
+    if ppl_file is not None:
+        result = perplexity(
+            model,
+            tokenizer,
+            ppl_file,
+            max_length=args.max_length,
+            batch_size=args.batch_size,
+            max_tokens=args.max_tokens,
+            text_key=args.text_key,
+            progress=not args.json,
+        )
+        document["perplexity"] = {"file": ppl_file, **result.to_dict()}
+        per_layer = result.per_layer
+    if args.tasks:
+        limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
+        harness = run_tasks(
+            model,
+            tokenizer,
+            [task for arg in args.tasks for task in arg.split(",") if task],
+            include_path=args.include_path,
+            limit=limit,
+            num_fewshot=args.num_fewshot,
+        )
+        document["lm_eval"] = harness
+        per_layer = per_layer or harness["per_layer"]
+    flops = measured_flops(model, per_layer, mask_head=mask_head)
+    document["avg_k"] = flops["avg_k"]
+    document["flops"] = flops
+    text = dump_json(document, args.output)
+    print(text if args.json else table(document), end="" if args.json else "\n")
+    return 0
+
+
+def table(document: dict[str, Any]) -> str:
+    routing = document["routing"]
+    how = (
+        "BEAM mask heads"
+        if routing["method"] == "beam"
+        else f"{routing['method']} {routing['param_name']}={routing['param']:g}"
+    )
+    flops = document["flops"]
+    lines = [
+        f"model       {document['adapter'] or document['base_model']}  (base: {document['base_model']})",
+        f"routing     {how}",
+        f"Avg-K       {flops['avg_k']:.3f} of Top-K {flops['top_k']}",
+    ]
+    if "perplexity" in document:
+        p = document["perplexity"]
+        lines.append(f"perplexity  {p['ppl']:.4f}  ({p['scored_tokens']} tokens of {p['file']})")
+        lines.append("per layer   " + " ".join(f"{k:.2f}" for k in p["per_layer"].values()))
+    lines.append(
+        f"MoE FLOPs   {flops['masked']['total'] / 1e6:.3f} of {flops['base']['total'] / 1e6:.3f} MFLOPs/token: "
+        f"{flops['moe_flops_reduction']:.1%} saved (at most {flops['max_reduction']:.1%})"
+    )
+    for task, metrics in document.get("lm_eval", {}).get("results", {}).items():
+        shown = ", ".join(
+            f"{k.split(',')[0]} {v:.4g}"
+            for k, v in metrics.items()
+            if isinstance(v, float) and "stderr" not in k
+        )
+        lines.append(f"{task:<11} {shown}")
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Serving BEAM models in inference engines (vLLM: `beam_moe.serving.vllm`)."""

@@ -1,0 +1,272 @@
+"""BEAM inside vLLM's MoE layer: the router's Top-K, then the mask, then only the kept pairs run.
+
+vLLM (0.32) builds every MoE layer as a `MoERunner`: router, `RoutedExperts` (the w13/w2 weights
+and the fused-MoE kernel), shared experts, and the tensor-parallel all-reduce. `install_beam`
+turns the runners of the masked layers into `BeamMoERunner`s (the same objects, re-classed, so
+vLLM's weight loading, shared experts, sequence parallelism and all-reduce stay exactly vLLM's),
+gives each a replicated mask head, and changes one step: between the router and the experts the
+mask decides `keep [T, K]` (beam_moe.routing.apply_mask) and only kept pairs are executed by
+
+- `KernelOnKeptPairs` ("auto" on CPU): vLLM's own fused-MoE kernel called on one row per kept
+  pair (top-1) and summed back per token. vLLM's CPU kernel has no way to skip an id (out-of-range
+  ids write out of bounds), so masked pairs are removed before the call, never passed in;
+- `BackendOnCheckpointWeights` ("grouped", "reference", "triton"): a beam-moe expert backend
+  (`beam_moe.experts.get_backend`) on vLLM's w13/w2 views; vLLM's kernel-specific repacking of
+  those weights is skipped for the masked layers, so they stay in checkpoint layout.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+from vllm.config import CUDAGraphMode, VllmConfig
+from vllm.distributed import get_tensor_model_parallel_rank
+from vllm.forward_context import get_forward_context, is_forward_context_available
+from vllm.logger import init_logger
+from vllm.model_executor.layers.fused_moe.activation import MoEActivation
+from vllm.model_executor.layers.fused_moe.runner.moe_runner import MoERunner
+from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import UnquantizedFusedMoEMethod
+
+from beam_moe.config import BeamConfig
+from beam_moe.errors import BeamError
+from beam_moe.experts import ExpertWeights, available_backends, get_backend
+from beam_moe.mask import MaskHead
+from beam_moe.merged import effective_beam_config, read_merged_config
+from beam_moe.routing import MaskedRouting, apply_mask, to_sentinel
+from beam_moe.serving.vllm.stats import SERVING_STATS
+
+logger = init_logger(__name__)
+_LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+class KernelOnKeptPairs:
+    """vLLM's own modular fused-MoE kernel on the kept pairs only (one top-1 row per kept pair)."""
+
+    name = "vllm"
+
+    def __call__(self, runner: MoERunner, hidden: Tensor, routing: MaskedRouting) -> tuple[Tensor, int]:
+        experts = runner.routed_experts
+        if experts.quant_method.is_monolithic:
+            raise BeamError(
+                f"{runner.layer_name}: vLLM picked a monolithic MoE kernel ({type(experts.quant_method).__name__}), "
+                "which routes inside the kernel; serve with beam.backend set to 'triton' or 'grouped'"
+            )
+        keep = routing.keep
+        if bool(keep.all()):
+            return experts.forward_modular(
+                x=hidden, topk_weights=routing.weights, topk_ids=routing.ids
+            ), keep.numel()
+        token, slot = keep.nonzero(as_tuple=True)
+        if token.numel() == 0:
+            return torch.zeros_like(hidden), 0
+        out = experts.forward_modular(
+            x=hidden[token],
+            topk_weights=routing.weights[token, slot].unsqueeze(1).contiguous(),
+            topk_ids=routing.ids[token, slot].unsqueeze(1).contiguous(),
+        )
+        fused = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
+        return fused.index_add_(0, token, out.float()).to(hidden.dtype), token.numel()
+
+
+def _silu_and_mul(h: Tensor) -> Tensor:
+    gate, up = h.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+class BackendOnCheckpointWeights:
+    """A beam-moe expert backend on vLLM's w13 [E, 2I, H] / w2 [E, H, I] (views, never copies)."""
+
+    def __init__(self, name: str, device: torch.device) -> None:
+        self.name = name
+        self.backend = get_backend(name, device)
+
+    def __call__(self, runner: MoERunner, hidden: Tensor, routing: MaskedRouting) -> tuple[Tensor, int]:
+        experts = runner.routed_experts
+        has_bias = experts.moe_config.has_bias
+        weights = ExpertWeights(
+            up=experts.w13_weight.transpose(1, 2),
+            up_bias=experts.w13_bias if has_bias else None,
+            down=experts.w2_weight.transpose(1, 2),
+            down_bias=experts.w2_bias if has_bias else None,
+            activation=_silu_and_mul,
+        )
+        ids = to_sentinel(routing.ids.long(), routing.keep, weights.num_experts)
+        out, rows = self.backend(weights, hidden, ids, routing.weights)
+        return out, int(rows)
+
+
+class _CheckpointLayoutMoEMethod(UnquantizedFusedMoEMethod):
+    """vLLM's unquantized MoE method without its post-load repacking: weights stay as loaded."""
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        return
+
+
+class BeamMoERunner(MoERunner):
+    """A vLLM `MoERunner` with a BEAM mask head between its router and its experts.
+
+    Only `_apply_quant_method` (route, then run experts) differs from vLLM's; it is entered through
+    vLLM's opaque `moe_forward` custom ops, so torch.compile never traces the data-dependent parts.
+    """
+
+    beam_mask: MaskHead
+    beam_config: BeamConfig
+    beam_executor: Any
+    beam_index: int
+
+    def _apply_quant_method(
+        self,
+        hidden_states: Tensor,
+        router_logits: Tensor,
+        shared_experts_input: Tensor | None,
+        input_ids: Tensor | None = None,
+        shared_experts_overlapping: bool = False,
+    ) -> tuple[Tensor | None, Tensor]:
+        shared = None
+        if self._shared_experts is not None and not shared_experts_overlapping:
+            shared = self._shared_experts._layer(shared_experts_input)
+        weights, ids = self.router.select_experts(
+            hidden_states=hidden_states,
+            router_logits=router_logits,
+            topk_indices_dtype=self._quant_method.topk_indices_dtype,
+            input_ids=input_ids,
+        )
+        routing = apply_mask(
+            weights,
+            ids,
+            self.beam_mask(hidden_states[..., : self.beam_mask.in_features]),  # kernels may pad H
+            self.beam_config.threshold,
+            renormalize=self.beam_config.renormalize,
+        )
+        fused, rows = self.beam_executor(self, hidden_states, routing)
+        if _is_real_step():
+            SERVING_STATS.add(self.beam_index, routing, rows)
+        if shared_experts_overlapping:
+            self._shared_experts.wait()
+            shared = self._shared_experts.output
+        return shared, fused
+
+
+def _is_real_step() -> bool:
+    """vLLM's profiling and warm-up passes run without attention metadata; they are not counted."""
+    return is_forward_context_available() and get_forward_context().attn_metadata is not None
+
+
+def beam_config_for(vllm_config: VllmConfig) -> tuple[BeamConfig, dict[str, Any]]:
+    """The BeamConfig to serve (with `hf_overrides` applied) and the checkpoint's export record."""
+    hf_config = vllm_config.model_config.hf_config
+    source = f"{vllm_config.model_config.model}/config.json"
+    return effective_beam_config(hf_config, source=source), read_merged_config(hf_config, source)
+
+
+def _make_executor(config: BeamConfig, device_type: str) -> KernelOnKeptPairs | BackendOnCheckpointWeights:
+    name = config.backend
+    if name == "auto":
+        name = "triton" if device_type == "cuda" and "triton" in available_backends() else "vllm"
+    return (
+        KernelOnKeptPairs() if name == "vllm" else BackendOnCheckpointWeights(name, torch.device(device_type))
+    )
+
+
+def install_beam(model: nn.Module, vllm_config: VllmConfig) -> dict[int, BeamMoERunner]:
+    """Turn the MoE runners of the masked layers into BEAM runners; returns them by decoder layer index."""
+    config, export = beam_config_for(vllm_config)
+    hidden_size = vllm_config.model_config.hf_text_config.hidden_size
+    device_type = vllm_config.device_config.device_type
+    if device_type == "cuda" and vllm_config.compilation_config.cudagraph_mode != CUDAGraphMode.NONE:
+        raise BeamError(
+            "BEAM runs only the kept (token, expert) pairs, a data-dependent amount of work that CUDA "
+            "graphs cannot capture; serve with --enforce-eager (LLM(..., enforce_eager=True))"
+        )
+    executor = _make_executor(config, device_type)
+    wanted = set(export["mask_layers"])
+    runners: dict[int, BeamMoERunner] = {}
+    SERVING_STATS.clear(log=get_tensor_model_parallel_rank() == 0)  # ranks see the same masks
+    for name, module in model.named_modules():
+        match = _LAYER_INDEX.search(name)
+        if not isinstance(module, MoERunner) or match is None or int(match.group(1)) not in wanted:
+            continue
+        if type(module) is not MoERunner:
+            raise BeamError(
+                f"{name} is a {type(module).__name__}; the BEAM plugin extends vLLM's MoERunner only"
+            )
+        _check_supported(name, module, executor)
+        num_experts = module.moe_config.num_logical_experts
+        module.__class__ = BeamMoERunner
+        module.add_module("beam_mask", MaskHead(hidden_size, num_experts, bias=config.bias))
+        module.beam_config = config
+        module.beam_executor = executor
+        block_name = name.rsplit(".", 1)[0]
+        module.beam_index = SERVING_STATS.add_layer(block_name, module.moe_config.experts_per_token)
+        module._forward_entry = (
+            torch.ops.vllm.moe_forward
+            if module._shared_experts is None
+            else torch.ops.vllm.moe_forward_shared
+        )
+        if isinstance(executor, BackendOnCheckpointWeights):
+            module.routed_experts.quant_method.__class__ = _CheckpointLayoutMoEMethod
+        runners[int(match.group(1))] = module
+    logger.info(
+        "BEAM: mask heads on %d MoE layers, threshold %s, experts run by %s",
+        len(runners),
+        config.threshold,
+        executor.name,
+    )
+    return runners
+
+
+def _check_supported(name: str, runner: MoERunner, executor: Any) -> None:
+    parallel = runner.moe_config.moe_parallel_config
+    if parallel.use_ep or runner.router.eplb_state is not None:
+        raise BeamError(
+            f"{name}: expert parallelism / EPLB is not supported by the BEAM plugin; use tensor parallelism"
+        )
+    if runner._fse_fuse_gate or runner.routed_input_transform is not None:
+        raise BeamError(
+            f"{name}: fused shared-expert gates and latent MoE are not supported by the BEAM plugin"
+        )
+    if isinstance(executor, BackendOnCheckpointWeights):
+        if type(runner.routed_experts.quant_method) is not UnquantizedFusedMoEMethod:
+            raise BeamError(
+                f"{name}: the beam-moe expert backends run unquantized experts only; "
+                "use beam.backend 'auto' (vLLM's kernel on the kept pairs) for quantized checkpoints"
+            )
+        if runner.routed_experts.activation != MoEActivation.SILU:
+            raise BeamError(
+                f"{name}: the beam-moe expert backends need SiLU experts; use beam.backend 'auto'"
+            )
+
+
+def load_mask_heads(
+    model: nn.Module, runners: dict[int, BeamMoERunner], tensors: dict[str, Tensor]
+) -> set[str]:
+    """Copy checkpoint tensors `...layers.<i>....beam_mask.<weight|bias>` into the heads; returns parameter names."""
+    from vllm.model_executor.models.utils import PPMissingLayer
+
+    from beam_moe.merged import mask_layer_index
+
+    names = {module: name for name, module in model.named_modules()}
+    layers = model.model.layers
+    loaded: set[str] = set()
+    for key, tensor in tensors.items():
+        index = mask_layer_index(key)
+        if index not in runners:
+            if index < len(layers) and isinstance(layers[index], PPMissingLayer):
+                continue
+            raise BeamError(
+                f"the checkpoint has a mask head for layer {index} ({key}), which has no BEAM MoE layer"
+            )
+        head = runners[index].beam_mask
+        field = key.rsplit(".", 1)[1]
+        param = getattr(head, field, None)
+        if param is None or tuple(param.shape) != tuple(tensor.shape):
+            expected = None if param is None else tuple(param.shape)
+            raise BeamError(f"{key} has shape {tuple(tensor.shape)}, the model expects {expected}")
+        with torch.no_grad():
+            param.copy_(tensor.to(param.dtype))
+        loaded.add(f"{names[head]}.{field}")
+    return loaded

@@ -1,0 +1,115 @@
+"""Avg-K inside a vLLM worker: counters, a periodic log line, and an RPC to read them.
+
+Each worker process counts the (token, expert) pairs its BEAM layers keep, with beam-moe's own
+`BeamStats`, over real forward passes only (vLLM's warm-up and profiling passes carry no attention
+metadata and are skipped). Reading them:
+
+- the log: every `BEAM_MOE_LOG_INTERVAL` seconds (default 10; 0 turns it off) a worker that served
+  tokens logs "BEAM: Avg-K 1.23 of 8 ..." through vLLM's logger;
+- Python: start the engine with `worker_extension_cls=WORKER_EXTENSION`, then `engine_stats(llm)` and
+  `reset_engine_stats(llm)` (see `beam_moe.serving.vllm`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+from beam_moe.routing import MaskedRouting
+from beam_moe.stats import BeamStats
+
+LOG_INTERVAL_ENV = "BEAM_MOE_LOG_INTERVAL"
+WORKER_EXTENSION = "beam_moe.serving.vllm.stats.BeamWorkerExtension"
+_logger = logging.getLogger("vllm.beam_moe")
+
+
+class ServingStats:
+    """The BEAM layers of the model in this process and their counters."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.log = True
+        self.layer_names: list[str] = []
+        self.top_k: list[int] = []
+        self.stats = BeamStats([], [])
+        self._last_log = time.monotonic()
+        self._tokens_at_last_log = 0
+        self._kept_at_last_log = 0
+
+    def clear(self, log: bool = True) -> None:
+        """Forget the layers (a new model is being built in this process); `log` for one rank of a group."""
+        with self._lock:
+            self.log = log
+            self.layer_names, self.top_k = [], []
+            self._reset()
+
+    def add_layer(self, name: str, top_k: int) -> int:
+        """Register a BEAM layer; returns its index for `add`."""
+        with self._lock:
+            self.layer_names.append(name)
+            self.top_k.append(top_k)
+            self._reset()
+            return len(self.layer_names) - 1
+
+    def _reset(self) -> None:
+        self.stats = BeamStats(self.layer_names, self.top_k)
+        self._tokens_at_last_log = self._kept_at_last_log = 0
+
+    def reset(self) -> None:
+        with self._lock:
+            self._reset()
+
+    def add(self, layer: int, routing: MaskedRouting, rows: int) -> None:
+        with self._lock:
+            self.stats._add_routing(layer, routing.keep, routing.ids, routing.soft, routing.weights)
+            self.stats._add_rows(layer, rows)
+        if layer == len(self.layer_names) - 1:
+            self._maybe_log()
+
+    def summary(self) -> dict[str, Any]:
+        with self._lock:
+            summary = self.stats.to_dict()
+        summary["layers"] = len(self.layer_names)
+        return summary
+
+    def _maybe_log(self) -> None:
+        interval = float(os.environ.get(LOG_INTERVAL_ENV, "10"))
+        now = time.monotonic()
+        if not self.log or interval <= 0 or now - self._last_log < interval:
+            return
+        self._last_log = now
+        summary = self.summary()
+        tokens, kept = summary["tokens"], summary["kept_pairs"]
+        new_tokens = tokens - self._tokens_at_last_log
+        if new_tokens <= 0:
+            return
+        layers = max(summary["layers"], 1)
+        recent = (kept - self._kept_at_last_log) / (new_tokens * layers)
+        self._tokens_at_last_log, self._kept_at_last_log = tokens, kept
+        _logger.info(
+            "BEAM: Avg-K %.3f of %s routed experts per token over the last %d tokens "
+            "(%.3f over %d tokens since start; rows computed %d of %d routed pairs)",
+            recent,
+            summary["top_k"],
+            new_tokens,
+            summary["avg_k"],
+            tokens,
+            summary["computed_rows"],
+            summary["routed_pairs"],
+        )
+
+
+SERVING_STATS = ServingStats()
+
+
+class BeamWorkerExtension:
+    """Mixed into vLLM's worker (`worker_extension_cls=WORKER_EXTENSION`) so `collective_rpc` reaches the counters."""
+
+    def beam_stats(self) -> dict[str, Any]:
+        return SERVING_STATS.summary()
+
+    def beam_reset_stats(self) -> None:
+        SERVING_STATS.reset()

@@ -1,0 +1,15 @@
+"""Training BEAM: `beam-moe train` and its Python API.
+
+from beam_moe.train import TrainConfig, train
+result = train(TrainConfig(model="path/to/moe", data=["chat.jsonl"], output="runs/beam", target_avg_k=2.0))
+result.output, result.metrics["val_avg_k"]
+
+Read top to bottom: config (the options), data (records -> token blocks), objectives (lm, distill),
+budget (beta or an Avg-K target), trainable (what trains), loop (the steps), checkpointing
+(resume exactly), metrics (logs), output (the finished folder and rebuilding from it).
+"""
+
+from beam_moe.train.config import TrainConfig
+from beam_moe.train.loop import Trainer, TrainResult, train
+
+__all__ = ["TrainConfig", "TrainResult", "Trainer", "train"]

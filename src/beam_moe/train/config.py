@@ -1,0 +1,162 @@
+"""`TrainConfig`: everything that defines a training run, JSON-serialisable and checked up front."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from beam_moe.config import BeamConfig
+from beam_moe.errors import BeamError
+
+OBJECTIVES = ("lm", "distill", "lm+distill")
+TRAIN_MODES = ("mask", "mask+router", "full", "lora")
+DTYPES = ("fp32", "bf16")
+# Learning rate of the model's own weights when --model-lr is not given, per --train mode.
+DEFAULT_MODEL_LR = {"mask+router": 1e-4, "full": 1e-5, "lora": 2e-4}
+# Fields that may differ between a run and its --resume without changing what is computed.
+RESUME_FREE = (
+    "resume",
+    "overwrite",
+    "progress",
+    "tensorboard",
+    "save_every",
+    "keep_checkpoints",
+    "eval_every",
+)
+
+
+@dataclass
+class TrainConfig:
+    """One training run: a model folder (or Hub id), data files and an output folder, plus the recipe.
+
+    Sparsity: give `beta` (the paper's L1 weight) or `target_avg_k` (a controller adjusts beta so
+    that the measured Avg-K settles at the target). `lr` is the mask heads' learning rate;
+    `model_lr` that of the model's own weights that train (routers, LoRA, everything).
+    `batch_size` is per process; one optimizer step sees batch_size x grad_accum x processes
+    sequences of `max_length` tokens.
+    """
+
+    model: str
+    data: list[str]
+    output: str
+    val_data: list[str] | None = None
+    objective: str = "lm"
+    distill_weight: float = 1.0
+    beta: float | None = None
+    target_avg_k: float | None = None
+    controller_kp: float = 0.5
+    controller_ki: float = 0.01
+    train: str = "mask"
+    lora_rank: int = 16
+    lora_alpha: float = 32.0
+    balance_coef: float | None = None
+    dtype: str = "fp32"
+    lr: float = 1e-3
+    model_lr: float | None = None
+    weight_decay: float = 0.0
+    warmup: float = 0.03
+    min_lr_ratio: float = 0.1
+    max_grad_norm: float | None = 1.0
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_length: int = 512
+    packing: bool = True
+    val_fraction: float = 0.05
+    max_steps: int | None = None
+    epochs: float = 1.0
+    seed: int = 0
+    save_every: int = 100
+    keep_checkpoints: int = 2
+    eval_every: int = 0
+    gradient_checkpointing: bool = False
+    beam: dict[str, Any] = field(default_factory=dict)
+    resume: bool = False
+    overwrite: bool = False
+    progress: bool = True
+    tensorboard: bool | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.data, (str, Path)):
+            self.data = [str(self.data)]
+        if isinstance(self.val_data, (str, Path)):
+            self.val_data = [str(self.val_data)]
+        self.data = [str(p) for p in self.data]
+        self.val_data = [str(p) for p in self.val_data] if self.val_data else None
+        self.model, self.output = str(self.model), str(self.output)
+        self.validate()
+
+    def validate(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise BeamError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        if self.train not in TRAIN_MODES:
+            raise BeamError(f"train must be one of {', '.join(TRAIN_MODES)}, got {self.train!r}")
+        if self.dtype not in DTYPES:
+            raise BeamError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if (self.beta is None) == (self.target_avg_k is None):
+            raise BeamError(
+                "give exactly one of beta (the paper's L1 weight, e.g. 0.05) and target_avg_k "
+                "(the Avg-K to reach, e.g. 2.0 for half of Top-4)"
+            )
+        if self.beta is not None and not (math.isfinite(self.beta) and self.beta >= 0):
+            raise BeamError(f"beta must be a finite number >= 0, got {self.beta}")
+        if self.target_avg_k is not None and not (math.isfinite(self.target_avg_k) and self.target_avg_k > 0):
+            raise BeamError(
+                f"target_avg_k must be > 0 (kept experts per token, at most the model's Top-K), "
+                f"got {self.target_avg_k}"
+            )
+        if not self.data:
+            raise BeamError("no training data given: pass one or more files or folders")
+        positive = {"lr": self.lr, "batch_size": self.batch_size, "grad_accum": self.grad_accum}
+        positive |= {"max_length": self.max_length, "lora_rank": self.lora_rank, "epochs": self.epochs}
+        for name, value in positive.items():
+            if not value > 0:
+                raise BeamError(f"{name} must be > 0, got {value}")
+        if self.max_length < 2:
+            raise BeamError(f"max_length must be at least 2 tokens, got {self.max_length}")
+        if self.max_steps is not None and self.max_steps <= 0:
+            raise BeamError(f"max_steps must be > 0, got {self.max_steps}")
+        if self.model_lr is not None and not self.model_lr > 0:
+            raise BeamError(f"model_lr must be > 0, got {self.model_lr}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise BeamError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.warmup < 0 or not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise BeamError("warmup must be >= 0 and min_lr_ratio in [0, 1]")
+        if self.save_every < 0 or self.eval_every < 0 or self.keep_checkpoints < 1:
+            raise BeamError("save_every and eval_every must be >= 0, keep_checkpoints >= 1")
+        if self.resume and self.overwrite:
+            raise BeamError("resume and overwrite contradict each other: pick one")
+        self.beam_config()
+
+    def beam_config(self) -> BeamConfig:
+        return BeamConfig.from_dict(dict(self.beam))
+
+    @property
+    def effective_model_lr(self) -> float:
+        return self.model_lr if self.model_lr is not None else DEFAULT_MODEL_LR.get(self.train, self.lr)
+
+    def warmup_steps(self, total_steps: int) -> int:
+        """`warmup` below 1 is a fraction of the run, from 1 on a number of steps."""
+        return int(self.warmup * total_steps) if self.warmup < 1 else int(self.warmup)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise BeamError(f"unknown training options {unknown}; valid ones are {sorted(known)}")
+        return cls(**data)
+
+    def resume_mismatch(self, saved: dict[str, Any]) -> list[str]:
+        """The options that differ from the run being resumed (those that change what is computed)."""
+        mine = self.to_dict()
+        return [
+            f"{key}: {saved.get(key)!r} -> {mine[key]!r}"
+            for key in mine
+            if key not in RESUME_FREE and saved.get(key) != mine[key]
+        ]

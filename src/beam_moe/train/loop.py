@@ -1,0 +1,396 @@
+"""The training loop: `train(TrainConfig(...))` turns a stock MoE checkpoint into a BEAM model.
+
+One optimizer step:
+    for each micro-batch of this process's share of the global batch:
+        teacher = the same model with masks off, no_grad         (distill objectives only)
+        loss    = task_sum x processes / global_loss_tokens      (exact under accumulation and DDP)
+                + (beta x L_reg + alpha x L_balance) / grad_accum
+        backward
+    all-reduce the step's statistics; stop on a non-finite loss
+    clip, AdamW step, warm-up + cosine schedule, beta controller update, log, checkpoint
+
+It runs unchanged under `accelerate launch` (one process, DDP, FSDP2): the model and optimizer go
+through `Accelerator.prepare`, and every process sees the same global batch order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from beam_moe.attach import attach, get_attachment, mask_regularizer
+from beam_moe.errors import BeamError
+from beam_moe.loading import load_base_model, load_tokenizer
+from beam_moe.train.budget import BudgetController, FixedBeta, check_target
+from beam_moe.train.checkpointing import Checkpointer, trainable_state
+from beam_moe.train.config import TrainConfig
+from beam_moe.train.data import IGNORE, BatchSchedule, Blocks, load_training_data
+from beam_moe.train.metrics import MetricsLog, Progress
+from beam_moe.train.objectives import Objective
+from beam_moe.train.output import check_output, start_output, write_result
+from beam_moe.train.trainable import select_trainable
+
+
+@dataclass
+class TrainResult:
+    """What a finished run produced: the output folder (a BEAM adapter) and the final metrics."""
+
+    output: Path
+    steps: int
+    tokens: int
+    metrics: dict[str, Any] = field(default_factory=dict)
+    elapsed_s: float = 0.0
+    main_process: bool = True
+
+
+def warmup_cosine(total: int, warmup: int, min_ratio: float) -> Callable[[int], float]:
+    """Linear warm-up to the peak, then cosine decay to `min_ratio` x peak at `total` steps."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total - warmup)
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+    return factor
+
+
+def masked_kept(model: nn.Module, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Kept experts per MoE layer summed over the real (unpadded) tokens of the last forward, and that token count."""
+    real = attention_mask.reshape(-1).bool()
+    kept = torch.stack([layer.last_keep[real].sum() for layer in get_attachment(model).layers]).float()
+    return kept, real.sum().float()
+
+
+class Trainer:
+    """One training run, set up from a TrainConfig; `run()` trains and writes the output folder."""
+
+    def __init__(self, config: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None = None) -> None:
+        from accelerate import Accelerator
+
+        self.config = config
+        self.on_step = on_step
+        self.output = check_output(config)
+        # Several processes on a machine without CUDA (`accelerate launch --multi_gpu` or torchrun
+        # on CPUs): accelerate runs multi-CPU DDP over gloo only when asked for the CPU.
+        multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+        self.accelerator = Accelerator(cpu=multi_cpu)
+        self.rank = self.accelerator.process_index
+        self.world = self.accelerator.num_processes
+        self.is_main = self.accelerator.is_main_process
+        torch.manual_seed(config.seed)
+
+        self.tokenizer = load_tokenizer(config.model)
+        self.data = load_training_data(
+            config.data,
+            config.val_data,
+            self.tokenizer,
+            config.max_length,
+            config.packing,
+            config.val_fraction,
+            config.seed,
+        )
+        self.schedule = BatchSchedule(
+            len(self.data.train), config.batch_size, config.grad_accum, self.world, config.seed
+        )
+        self.total_steps = config.max_steps or max(
+            1, math.ceil(config.epochs * self.schedule.steps_per_epoch)
+        )
+
+        self.model = load_base_model(config.model, "bfloat16" if config.dtype == "bf16" else "float32")
+        attach(self.model, config.beam_config())
+        self.top_k = max(layer.top_k for layer in get_attachment(self.model).layers)
+        if config.target_avg_k is not None:
+            check_target(config.target_avg_k, self.top_k)
+            self.budget: BudgetController | FixedBeta = BudgetController(
+                config.target_avg_k, self.top_k, config.controller_kp, config.controller_ki
+            )
+        else:
+            self.budget = FixedBeta(config.beta or 0.0)
+        self.objective = Objective(config.objective, config.distill_weight)
+        self.balance = config.train == "mask+router"
+        self.balance_coef = (
+            config.balance_coef
+            if config.balance_coef is not None
+            else float(getattr(self.model.config, "router_aux_loss_coef", 0.0) or 0.0)
+        )
+        if config.gradient_checkpointing:
+            # Non-reentrant: the reentrant variant runs the first forward under no_grad, so the
+            # mask probabilities stored for the regulariser would carry no gradient.
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.trainable = select_trainable(self.model, config.train, config.lora_rank, config.lora_alpha)
+        optimizer = torch.optim.AdamW(
+            self.trainable.param_groups(config.lr, config.effective_model_lr, config.weight_decay)
+        )
+        self.model.train()
+        self.run_model, self.optimizer = self.accelerator.prepare(self.model, optimizer)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self._torch_optimizer,
+            warmup_cosine(self.total_steps, config.warmup_steps(self.total_steps), config.min_lr_ratio),
+        )
+        self.checkpointer = Checkpointer(self.output, self.is_main, config.keep_checkpoints)
+
+    @property
+    def _torch_optimizer(self) -> torch.optim.Optimizer:
+        return getattr(self.optimizer, "optimizer", self.optimizer)
+
+    # One step ----------------------------------------------------------------------------------
+
+    def _to_device(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {k: v.to(self.accelerator.device) for k, v in batch.items()}
+
+    def train_step(self, step: int) -> dict[str, Any]:
+        """Forward and backward over this process's micro-batches; returns the step's global statistics."""
+        beta = self.budget.beta
+        micro_batches = self.schedule.micro_batches(step, self.rank)
+        global_batch = self.data.train.select(self.schedule.global_indices(step))
+        global_loss_tokens = max(1, global_batch.loss_tokens)
+        kept_total = torch.zeros(len(get_attachment(self.model).layers))
+        sums = torch.zeros(6)  # lm, kl, reg, aux, real tokens, non-finite count
+        for i, index in enumerate(micro_batches):
+            batch = self._to_device(self.data.train.batch(index))
+            last = i == len(micro_batches) - 1
+            with contextlib.nullcontext() if last else self.accelerator.no_sync(self.run_model):
+                teacher = self.objective.teacher_logits(self.run_model, self.model, batch)
+                extra = {"use_cache": False, **({"output_router_logits": True} if self.balance else {})}
+                out = self.run_model(
+                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **extra
+                )
+                losses = self.objective.sums(out.logits, teacher, batch["labels"])
+                reg = mask_regularizer(self.model)
+                aux = out.aux_loss if self.balance and getattr(out, "aux_loss", None) is not None else None
+                aux = aux if aux is not None else reg.new_zeros(())
+                kept, tokens = masked_kept(self.model, batch["attention_mask"])
+                loss = losses["task"] * self.world / global_loss_tokens
+                loss = loss + (beta * reg + self.balance_coef * aux.float()) / len(micro_batches)
+                self.accelerator.backward(loss)
+            kept_total += kept.cpu()
+            sums += torch.stack(
+                [
+                    losses["lm"].detach().cpu(),
+                    losses["kl"].detach().cpu(),
+                    reg.detach().cpu() / len(micro_batches),
+                    aux.detach().float().cpu() / len(micro_batches),
+                    tokens.cpu(),
+                    (~torch.isfinite(loss.detach())).float().cpu(),
+                ]
+            )
+        reduced = self.accelerator.reduce(
+            torch.cat([sums, kept_total]).to(self.accelerator.device), "sum"
+        ).cpu()
+        lm, kl, reg, aux, tokens, bad = reduced[:6].tolist()
+        layers_kept = reduced[6:]
+        avg_k = float(layers_kept.mean() / max(tokens, 1.0))
+        task = {"lm": lm, "distill": kl, "lm+distill": lm + self.config.distill_weight * kl}[
+            self.config.objective
+        ]
+        reg, aux = reg / self.world, aux / self.world
+        loss = task / global_loss_tokens + beta * reg + self.balance_coef * aux
+        return {
+            "loss": loss,
+            "lm_loss": lm / global_loss_tokens,
+            "kl": kl / global_loss_tokens,
+            "reg": reg,
+            "aux": aux,
+            "avg_k": avg_k,
+            "beta": beta,
+            "tokens": int(tokens),
+            "finite": bad == 0 and math.isfinite(loss),
+        }
+
+    # Validation --------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self, blocks: Blocks) -> dict[str, Any]:
+        """Validation loss, KL to the unmasked model and Avg-K, in eval mode (masked experts skipped).
+
+        The batches are dealt round-robin to the processes; a process with no batch left runs a
+        dummy one that counts for nothing, so that all processes run the same number of forwards.
+        """
+        size = self.config.batch_size
+        batches = [list(range(i, min(i + size, len(blocks)))) for i in range(0, len(blocks), size)]
+        rounds = math.ceil(len(batches) / self.world)
+        layers = len(get_attachment(self.model).layers)
+        sums = torch.zeros(4 + layers)  # lm, kl, loss tokens, real tokens, kept per layer
+        self.run_model.eval()
+        try:
+            for r in range(rounds):
+                b = r * self.world + self.rank
+                weight = 1.0 if b < len(batches) else 0.0
+                batch = self._to_device(blocks.batch(batches[min(b, len(batches) - 1)]))
+                teacher = Objective("distill").teacher_logits(self.run_model, self.model, batch)
+                logits = self.run_model(
+                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+                ).logits
+                kept, tokens = masked_kept(self.model, batch["attention_mask"])
+                losses = Objective("distill").sums(logits, teacher, batch["labels"])
+                loss_tokens = (batch["labels"][:, 1:] != IGNORE).sum().float()
+                row = torch.cat(
+                    [torch.stack([losses["lm"], losses["kl"], loss_tokens, tokens]).cpu(), kept.cpu()]
+                )
+                sums += weight * row
+        finally:
+            self.run_model.train()
+        sums = self.accelerator.reduce(sums.to(self.accelerator.device), "sum").cpu()
+        lm, kl, loss_tokens, tokens = sums[:4].tolist()
+        per_layer = (sums[4:] / max(tokens, 1.0)).tolist()
+        names = [layer.name for layer in get_attachment(self.model).layers]
+        return {
+            "val_loss": lm / max(loss_tokens, 1.0),
+            "val_kl": kl / max(loss_tokens, 1.0),
+            "val_avg_k": sum(per_layer) / len(per_layer),
+            "val_avg_k_per_layer": dict(zip(names, per_layer, strict=True)),
+            "val_tokens": int(tokens),
+        }
+
+    # The run -----------------------------------------------------------------------------------
+
+    def _resume(self, metrics: MetricsLog) -> tuple[int, int]:
+        path = self.checkpointer.latest()
+        assert path is not None
+        state, rng_states = self.checkpointer.load(path, self.run_model, self._torch_optimizer)
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.budget.load_state_dict(state["budget"])
+        if len(rng_states) == self.world:
+            torch.set_rng_state(rng_states[self.rank])
+        metrics.truncate_after(state["step"])
+        return int(state["step"]), int(state["tokens"])
+
+    def _save_checkpoint(self, step: int, tokens: int) -> Path:
+        from accelerate.utils import gather_object
+
+        rng_states = gather_object([torch.get_rng_state()])
+        state = {
+            "tokens": tokens,
+            "scheduler": self.scheduler.state_dict(),
+            "budget": self.budget.state_dict(),
+        }
+        return self.checkpointer.save(step, self.run_model, self._torch_optimizer, state, rng_states)
+
+    def _diverged(self, step: int, what: str) -> BeamError:
+        last = self.checkpointer.latest()
+        keep = (
+            f"the last good checkpoint is {last} (continue from it with --resume, e.g. after lowering --lr)"
+            if last is not None
+            else "no checkpoint was written before it (lower --lr or check the data and the model)"
+        )
+        return BeamError(f"training stopped at step {step}: {what} is not finite; {keep}")
+
+    def run(self) -> TrainResult:
+        config = self.config
+        if self.is_main:
+            start_output(config, self.output)
+        self.accelerator.wait_for_everyone()
+        metrics = MetricsLog(self.output, self.is_main, config.tensorboard)
+        step, tokens = self._resume(metrics) if config.resume else (0, 0)
+        progress = Progress(self.total_steps, step, config.progress and self.is_main)
+        started = time.perf_counter()
+        record: dict[str, Any] = {}
+        try:
+            while step < self.total_steps:
+                t0 = time.perf_counter()
+                stats = self.train_step(step)
+                if not stats.pop("finite"):
+                    raise self._diverged(step + 1, "the loss")
+                grad_norm = float("nan")
+                if config.max_grad_norm:
+                    grad_norm = float(
+                        self.accelerator.clip_grad_norm_(self.run_model.parameters(), config.max_grad_norm)
+                    )
+                    if not math.isfinite(grad_norm):
+                        raise self._diverged(step + 1, "the gradient norm")
+                lrs = [group["lr"] for group in self._torch_optimizer.param_groups]
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.budget.update(stats["avg_k"])
+                step += 1
+                tokens += stats["tokens"]
+                record = {
+                    "step": step,
+                    "epoch": self.schedule.epoch_of(step - 1),
+                    **stats,
+                    "lr": lrs[0],
+                    "grad_norm": grad_norm,
+                    "tokens_seen": tokens,
+                    "tokens_per_s": stats["tokens"] / max(time.perf_counter() - t0, 1e-9),
+                }
+                metrics.log(record)
+                progress.update(record)
+                if self.on_step is not None:
+                    self.on_step({**record, "model": self.model})
+                if self.data.val is not None and config.eval_every and step % config.eval_every == 0:
+                    metrics.log({"step": step, "split": "val", **self.evaluate(self.data.val)})
+                if config.save_every and step % config.save_every == 0 and step < self.total_steps:
+                    self._save_checkpoint(step, tokens)
+            final = {k: record.get(k) for k in ("loss", "lm_loss", "kl", "avg_k", "beta")}
+            if self.data.val is not None:
+                val = self.evaluate(self.data.val)
+                metrics.log({"step": step, "split": "val", **val})
+                final.update(val)
+            self._write_output(final, step, tokens)
+        finally:
+            progress.close()
+            metrics.close()
+        return TrainResult(self.output, step, tokens, final, time.perf_counter() - started, self.is_main)
+
+    def _write_output(self, final: dict[str, Any], steps: int, tokens: int) -> None:
+        config = self.config
+        trained = trainable_state(self.run_model)
+        full_state = None
+        if config.train == "full":
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            full_state = get_model_state_dict(self.run_model, options=options)
+        if self.is_main:
+            extra = {
+                "trained_by": "beam-moe train",
+                "base_model": config.model,
+                "train": config.train,
+                "objective": config.objective,
+                "beta": config.beta,
+                "target_avg_k": config.target_avg_k,
+                "steps": steps,
+                "tokens": tokens,
+                "final": {k: v for k, v in final.items() if not isinstance(v, dict)},
+            }
+            write_result(
+                self.output,
+                self.model,
+                config,
+                trained,
+                full_state,
+                self.tokenizer,
+                self.trainable.peft_model,
+                extra,
+            )
+        self.accelerator.wait_for_everyone()
+
+
+def train(
+    config: TrainConfig | None = None,
+    *,
+    on_step: Callable[[dict[str, Any]], None] | None = None,
+    **options: Any,
+) -> TrainResult:
+    """Train BEAM mask heads (and optionally more) and write the output folder; returns the result.
+
+    `train(TrainConfig(model=..., data=[...], output=..., target_avg_k=2.0))`, or the same options
+    as keywords: `train(model=..., data=[...], output=..., beta=0.05, progress=False)`.
+    `on_step(record)` is called after every optimizer step with the logged metrics (and the model).
+    """
+    if config is None:
+        config = TrainConfig(**options)
+    elif options:
+        raise BeamError("pass either a TrainConfig or keyword options, not both")
+    return Trainer(config, on_step).run()

@@ -1,0 +1,63 @@
+"""Tiny checkpoints that vLLM's CPU kernels accept, with decisive routers and trained-looking masks.
+
+vLLM's CPU attention needs head_dim in {32, 64, ...} (the core tiny configs use 16) and its CPU MLA
+kernel only handles kv_lora_rank 512 + rope 64. Randomly initialised routers give near-equal
+scores, so float noise at 1e-7 can swap two experts between two correct implementations; the
+routers and the LM head are scaled up so that routing and greedy choices are decided by the
+weights, not by rounding (a random LM head gives next-token margins of 1e-4).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from beam_moe import BeamConfig, attach, save_beam
+from beam_moe.adapters import family_for
+from beam_moe.loading import load_base_model
+from beam_moe.merged import export_merged
+from beam_moe.tiny_models import BYTE_VOCAB_SIZE, byte_tokenizer, tiny_model
+from masking import randomize_heads
+
+_TWO_HEADS = dict(num_attention_heads=2, num_key_value_heads=2)
+_CPU_MLA = dict(kv_lora_rank=512, qk_rope_head_dim=64, num_key_value_heads=4)
+VLLM_SIZES: dict[str, dict] = {
+    "qwen3_moe": dict(head_dim=32),
+    "qwen2_moe": _TWO_HEADS,
+    "olmoe": _TWO_HEADS,
+    "mixtral": _TWO_HEADS,
+    "deepseek_v2": _CPU_MLA,
+    "deepseek_v3": dict(_CPU_MLA, topk_method="noaux_tc"),  # vLLM creates the correction bias only then
+    "gpt_oss": dict(head_dim=32),
+}
+ROUTER_SCALE = {"deepseek_v3": 3.0}  # sigmoid scores saturate at 1.0 (ties) if scaled further
+LM_HEAD_SCALE = 30.0
+PROMPTS = [
+    [44, 73, 80, 80, 83, 225, 91, 83, 86, 80, 72],
+    [56, 76, 73, 225, 85, 89, 77, 71, 79, 225, 70, 86, 83, 91, 82, 225, 74, 83, 92],
+    [5, 9, 13, 200, 201, 202],
+]
+
+
+def save_base(family: str, path: Path, seed: int = 0, max_shard_size: str | None = None) -> Path:
+    """A tiny base model folder (byte tokenizer) that vLLM on CPU loads."""
+    model = tiny_model(family, seed=seed, vocab_size=BYTE_VOCAB_SIZE, **VLLM_SIZES[family])
+    with torch.no_grad():
+        for _, block in family_for(model).find_blocks(model):
+            family_for(model).router(block).weight.mul_(ROUTER_SCALE.get(family, 30.0))
+        model.lm_head.weight.mul_(LM_HEAD_SCALE)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(path, **kwargs)
+    byte_tokenizer().save_pretrained(path)
+    return path
+
+
+def save_merged(base: Path, out: Path, trained: bool, config: BeamConfig | None = None) -> Path:
+    """Adapter on `base` (random heads when `trained`, else fresh keep-all heads), exported to `out`."""
+    model = attach(load_base_model(base), config or BeamConfig())
+    if trained:
+        randomize_heads(model, seed=3, std=0.3)
+    adapter = out.with_name(out.name + "-adapter")
+    save_beam(model, adapter)
+    return export_merged(adapter, out)

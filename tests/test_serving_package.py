@@ -1,0 +1,40 @@
+"""The serving code is optional: beam-moe imports, and its CLI runs, on a machine without vLLM."""
+
+import subprocess
+import sys
+import textwrap
+from importlib.metadata import entry_points
+
+
+def test_beam_moe_imports_without_vllm():
+    script = textwrap.dedent(
+        """
+        import importlib.abc, sys
+
+        class NoVllm(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name == "vllm" or name.startswith("vllm."):
+                    raise ImportError(f"{name} is not installed")
+
+        sys.meta_path.insert(0, NoVllm())
+        import beam_moe
+        import beam_moe.serving.vllm as plugin
+        from beam_moe.cli import build_parser
+
+        build_parser()
+        assert beam_moe.from_pretrained and plugin.WORKER_EXTENSION.endswith("BeamWorkerExtension")
+        try:
+            plugin.register()
+        except ImportError as e:
+            print("register:", e)
+        assert "vllm" not in sys.modules
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "register: vllm is not installed" in result.stdout
+
+
+def test_plugin_entry_point_is_installed():
+    plugins = {ep.name: ep.value for ep in entry_points(group="vllm.general_plugins")}
+    assert plugins.get("beam_moe") == "beam_moe.serving.vllm:register"

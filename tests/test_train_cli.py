@@ -1,0 +1,106 @@
+"""`beam-moe train`: a full run through the CLI, and every kind of bad input."""
+
+import json
+
+import pytest
+
+from beam_moe import load_beam
+from beam_moe.cli import main
+from beam_moe.loading import load_base_model
+from beam_moe.tiny_models import byte_tokenizer, save_tiny
+from training import model_dir, write_chat_jsonl, write_text_jsonl
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cli")
+    model_dir(path / "model")
+    write_text_jsonl(path / "text.jsonl", n=80)
+    write_chat_jsonl(path / "chat.jsonl", n=60)
+    return path
+
+
+def args(files, output, *extra):
+    return [
+        "train", "--model", str(files / "model"), "--data", str(files / "text.jsonl"),
+        "--output", str(files / output), "--max-steps", "3", "--batch-size", "2", "--max-length", "32",
+        "--no-progress", *extra,
+    ]  # fmt: skip
+
+
+def test_chat_distillation_in_bf16_with_accumulation_writes_a_complete_folder(files, capsys):
+    output = files / "chat-run"
+    extra = ["--target-avg-k", "2", "--objective", "lm+distill", "--dtype", "bf16", "--grad-accum", "2"]
+    extra += ["--data", str(files / "chat.jsonl"), "--save-every", "2", "--json"]
+    code = main(args(files, "chat-run", *extra))
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["steps"] == 3 and 0 <= summary["val_avg_k"] <= 4
+    names = {p.name for p in output.iterdir()}
+    expected = {"beam_config.json", "beam_adapter.safetensors", "training_args.json", "metrics.jsonl"}
+    assert expected | {"checkpoints", "tensorboard"} <= names
+    assert list((output / "tensorboard").iterdir()), "TensorBoard events are written when it is installed"
+    steps = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in steps if "split" not in m] == [1, 2, 3]
+    assert all(m["kl"] >= 0 for m in steps if "kl" in m)
+    assert json.loads((output / "training_args.json").read_text())["objective"] == "lm+distill"
+    load_beam(load_base_model(files / "model"), output)
+
+
+def assert_refused(files, argv, message, capsys, output):
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not (files / output / "beam_config.json").exists()
+
+
+def test_missing_empty_and_malformed_data(files, capsys):
+    (files / "empty.jsonl").write_text("")
+    (files / "broken.jsonl").write_text('{"text": "fine"}\n{"text": oops}\n')
+    for data, message in [
+        ("missing.jsonl", "missing.jsonl does not exist"),
+        ("empty.jsonl", "the data is empty"),
+        ("broken.jsonl", "broken.jsonl:2: not valid JSON"),
+    ]:
+        argv = args(files, "bad-data", "--beta", "0.1")
+        argv[argv.index("--data") + 1] = str(files / data)
+        assert_refused(files, argv, message, capsys, "bad-data")
+        assert not (files / "bad-data").exists(), "nothing is written before the inputs are checked"
+
+
+def test_models_without_moe_layers(files, capsys):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    dense = LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=261
+        )
+    )
+    dense.save_pretrained(files / "llama")
+    byte_tokenizer().save_pretrained(files / "llama")
+    argv = [*args(files, "dense", "--beta", "0.1"), "--model", str(files / "llama")]
+    assert_refused(files, argv, "does not support model type 'llama'", capsys, "dense")
+    save_tiny("qwen3_moe", files / "all-dense", mlp_only_layers=[0, 1])
+    argv = [*args(files, "dense", "--beta", "0.1"), "--model", str(files / "all-dense")]
+    assert_refused(files, argv, "found no MoE blocks", capsys, "dense")
+
+
+@pytest.mark.parametrize(("target", "message"), [("5", "out of range"), ("0", "must be > 0")])
+def test_targets_out_of_range(files, capsys, target, message):
+    assert_refused(files, args(files, "target", "--target-avg-k", target), message, capsys, "target")
+
+
+def test_a_finished_run_is_kept_unless_overwrite(files, capsys):
+    assert main(args(files, "done", "--beta", "0.1")) == 0
+    before = (files / "done" / "beam_adapter.safetensors").read_bytes()
+    assert main(args(files, "done", "--beta", "0.1")) == 2
+    assert "already holds a finished run; pass --overwrite" in capsys.readouterr().err
+    assert (files / "done" / "beam_adapter.safetensors").read_bytes() == before
+    assert main(args(files, "done", "--beta", "0.1", "--resume")) == 2
+    assert main(args(files, "done", "--beta", "0.5", "--overwrite")) == 0
+    config = json.loads((files / "done" / "beam_config.json").read_text())
+    assert config["extra"]["beta"] == 0.5
+    (files / "other").mkdir()
+    (files / "other" / "notes.txt").write_text("mine")
+    assert main(args(files, "other", "--beta", "0.1", "--overwrite")) == 2
+    assert "not a beam-moe training output" in capsys.readouterr().err
+    assert (files / "other" / "notes.txt").read_text() == "mine"
