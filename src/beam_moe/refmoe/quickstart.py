@@ -218,6 +218,7 @@ def run_quickstart(config: QuickstartConfig) -> dict[str, Any]:
                 "total_seconds": round(time.perf_counter() - started, 1),
             }
             plot_sweep(result, staging / "sweep.png")
+            (staging / "analysis").mkdir()
             write_analysis_plots(summary, staging / "analysis")
             (staging / "analysis" / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
             (staging / "sweep.md").write_text(sweep_markdown(result))
