@@ -99,6 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--objective", default=recipe_defaults.objective)
     parser.add_argument("--train", default=recipe_defaults.train)
     parser.add_argument("--model-lr", type=float, default=None)
+    parser.add_argument("--renormalize", action="store_true", help="mask heads rescale the kept weights")
+    parser.add_argument("--bias", action="store_true", help="mask heads with a bias")
+    parser.add_argument("--controller-kp", type=float, default=recipe_defaults.controller_kp)
+    parser.add_argument("--controller-ki", type=float, default=recipe_defaults.controller_ki)
     parser.add_argument("--batch-size", type=int, default=recipe_defaults.batch_size)
     parser.add_argument("--max-length", type=int, default=recipe_defaults.max_length)
     parser.add_argument("--eval-blocks", type=int, default=96, help="held-out windows of 256 tokens")
@@ -113,11 +117,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from beam_moe.atomic import atomic_directory
     from beam_moe.bench.machine import describe_machine
-    from beam_moe.eval import plot_sweep, sweep, sweep_markdown
-    from beam_moe.eval.load import load_eval_model
+    from beam_moe.eval import plot_sweep, sweep_markdown
     from beam_moe.eval.sweep import default_grid
+    from beam_moe.refmoe.architecture import REFERENCE_SHAPE
     from beam_moe.refmoe.compare import comparison
-    from beam_moe.refmoe.experiment import heldout_texts
+    from beam_moe.refmoe.experiment import evaluate_adapters, heldout_texts
 
     torch.set_num_threads(2)
     budgets = [float(b) for b in args.budgets.split(",") if b.strip()]
@@ -129,6 +133,10 @@ def main(argv: list[str] | None = None) -> int:
         objective=args.objective,
         train=args.train,
         model_lr=args.model_lr,
+        controller_kp=args.controller_kp,
+        controller_ki=args.controller_ki,
+        renormalize=args.renormalize,
+        bias=args.bias,
     )
     trained = train_missing(budgets, args.runs, recipe, args.tag)
     if args.train_only:
@@ -136,21 +144,15 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.perf_counter()
     adapters = [adapter_dir(args.runs, b, args.tag) for b in budgets]
-    model, tokenizer, _ = load_eval_model(adapters[0])
-    top_k = model.config.num_experts_per_tok
-    grids = {name: default_grid(name, top_k, args.points) for name in BASELINES}
-    eval_tokens = args.eval_blocks * 256
-    result = sweep(
-        model,
-        tokenizer,
+    grids = {
+        name: default_grid(name, REFERENCE_SHAPE["num_experts_per_tok"], args.points) for name in BASELINES
+    }
+    result, _, _ = evaluate_adapters(
+        adapters,
         heldout_texts(),
-        adapters=adapters,
-        baselines=grids,
-        calibration_tokens=eval_tokens,
-        max_length=256,
-        batch_size=8,
-        max_tokens=eval_tokens,
-        progress=True,
+        grids,
+        eval_tokens=args.eval_blocks * 256,
+        on_point=lambda message: print(f"sweep: {message}", flush=True),
     )
     for point, budget in zip([p for p in result["points"] if p["method"] == "beam"], budgets, strict=True):
         point["label"] = f"BEAM {budget:g}"
@@ -168,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": ["python", "benchmarks/refmoe_sweep.py", *(sys.argv[1:] if argv is None else argv)],
         "budgets": budgets,
         "recipe": recipe.to_dict(),
-        "heldout_tokens": eval_tokens,
+        "heldout_tokens": args.eval_blocks * 256,
         "training": metrics,
         "training_seconds_this_run": trained,
         "comparisons": comparisons,

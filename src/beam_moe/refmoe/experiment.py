@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from torch import nn
 
 from beam_moe.errors import BeamError
 from beam_moe.refmoe import reference_model_path
@@ -38,6 +41,10 @@ class Recipe:
     objective: str = "distill"
     train: str = "mask"
     model_lr: float | None = None
+    controller_kp: float = 1.0
+    controller_ki: float = 0.05
+    renormalize: bool = False
+    bias: bool = False
     seed: int = 0
 
     def check(self) -> None:
@@ -121,6 +128,9 @@ def train_mask_heads(
         train=recipe.train,
         lr=recipe.lr,
         model_lr=recipe.model_lr,
+        controller_kp=recipe.controller_kp,
+        controller_ki=recipe.controller_ki,
+        beam={"renormalize": recipe.renormalize, "bias": recipe.bias},
         max_steps=recipe.steps,
         batch_size=recipe.batch_size,
         max_length=recipe.max_length,
@@ -131,3 +141,77 @@ def train_mask_heads(
         progress=progress,
     )
     return train(config)
+
+
+def evaluate_adapters(
+    adapters: list[Path],
+    texts: list[str],
+    grids: dict[str, list[float]],
+    *,
+    eval_tokens: int,
+    max_length: int = 256,
+    seed: int = 0,
+    on_point: Callable[[str], None] | None = None,
+) -> tuple[dict[str, Any], nn.Module, Any]:
+    """`beam_moe.eval.sweep` of BEAM adapters against the baselines on the stock reference model.
+
+    Adapters that trained only the mask heads share the stock model, so one sweep evaluates them
+    all. An adapter that also trained the routers (`mask+router`) changes the model: it is
+    evaluated on its own model, and the baselines (calibrated to its Avg-K) on the stock model with
+    the same BEAM options, so that no baseline runs on routers trained for BEAM.
+    Returns (the sweep result, the last adapter's model, the tokenizer).
+    """
+    from beam_moe.attach import attach
+    from beam_moe.checkpoint import read_adapter_config
+    from beam_moe.config import BeamConfig
+    from beam_moe.eval import calibrate, sweep
+    from beam_moe.eval.baselines import get_baseline
+    from beam_moe.eval.calibrate import measure
+    from beam_moe.eval.load import load_eval_model
+    from beam_moe.eval.sweep import _point, sweep_point
+    from beam_moe.loading import load_tokenizer
+    from beam_moe.refmoe import load_reference_model
+
+    kwargs = dict(max_length=max_length, batch_size=8, max_tokens=eval_tokens)
+    configs = [read_adapter_config(a) for a in adapters]
+    if all(c.get("extra", {}).get("train", "mask") == "mask" for c in configs):
+        model, tokenizer, _ = load_eval_model(adapters[0])
+        result = sweep(
+            model,
+            tokenizer,
+            texts,
+            adapters=adapters,
+            baselines=grids,
+            calibration_tokens=eval_tokens,
+            seed=seed,
+            on_point=on_point,
+            **kwargs,
+        )
+        return result, model, tokenizer
+    beam_options: BeamConfig = configs[0]["config"]
+    stock = attach(load_reference_model(), BeamConfig(renormalize=beam_options.renormalize))
+    tokenizer = load_tokenizer(reference_model_path())
+    result = sweep(
+        stock, tokenizer, texts, baselines=grids, match=False, seed=seed, on_point=on_point, **kwargs
+    )
+    model = stock
+    for adapter in adapters:
+        model, _, _ = load_eval_model(adapter)
+        point = sweep_point(model, tokenizer, texts, "beam", Path(adapter).name, None, **kwargs)
+        result["points"].append(point.to_dict())
+        if on_point is not None:
+            on_point(f"BEAM {point.label}: Avg-K {point.avg_k:.3f}, ppl {point.ppl:.4g}")
+        row: dict[str, Any] = {"target_avg_k": point.avg_k, "beam": point.to_dict(), "baselines": {}}
+        for name in grids:
+            found = calibrate(stock, tokenizer, name, point.avg_k, texts, seed=seed, **kwargs)
+            measured = measure(stock, tokenizer, texts, name, found.param, seed, **kwargs)
+            baseline = _point(
+                stock, measured, name, f"{get_baseline(name).param}={found.param:.4g}", found.param
+            )
+            row["baselines"][name] = {**baseline.to_dict(), "calibration": found.to_dict()}
+            if on_point is not None:
+                on_point(f"{name} matched to {point.avg_k:.3f}: ppl {baseline.ppl:.4g}")
+        result["matched"].append(row)
+    result["config"]["adapters"] = [str(a) for a in adapters]
+    result["config"]["routers"] = "BEAM evaluated with its trained routers; baselines on the stock model"
+    return result, model, tokenizer

@@ -22,8 +22,15 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from beam_moe.errors import BeamError
+from beam_moe.refmoe.architecture import REFERENCE_SHAPE
 from beam_moe.refmoe.compare import comparison, comparison_markdown, verdict_lines
-from beam_moe.refmoe.experiment import Recipe, heldout_texts, train_mask_heads, write_training_text
+from beam_moe.refmoe.experiment import (
+    Recipe,
+    evaluate_adapters,
+    heldout_texts,
+    train_mask_heads,
+    write_training_text,
+)
 
 RESULTS_FILE = "results.json"
 BASELINE_NAMES = ("top_k", "top_p", "threshold")
@@ -121,8 +128,7 @@ def run_quickstart(config: QuickstartConfig) -> dict[str, Any]:
     """Run the pipeline; returns the results document (also written to `<output>/results.json`)."""
     from beam_moe.atomic import atomic_directory
     from beam_moe.bench.machine import describe_machine
-    from beam_moe.eval import analyze_routing, measured_flops, plot_sweep, sweep, sweep_markdown
-    from beam_moe.eval.load import load_eval_model
+    from beam_moe.eval import analyze_routing, measured_flops, plot_sweep, sweep_markdown
     from beam_moe.eval.perplexity import token_windows
     from beam_moe.eval.plots import write_analysis_plots
     from beam_moe.refmoe import load_reference_model, reference_model_path, training_record
@@ -152,26 +158,19 @@ def run_quickstart(config: QuickstartConfig) -> dict[str, Any]:
             stages.done()
 
             stages.start("evaluate")
-            model, tokenizer, _ = load_eval_model(adapter)
-            top_k = model.config.num_experts_per_tok
-            grids = _grids(top_k, config.points)
+            grids = _grids(REFERENCE_SHAPE["num_experts_per_tok"], config.points)
             evaluations = 2 + sum(len(v) for v in grids.values()) + len(grids)
             with stages.sub_bar(evaluations, "evaluate") as bar:
-                result = sweep(
-                    model,
-                    tokenizer,
+                result, model, tokenizer = evaluate_adapters(
+                    [adapter],
                     texts,
-                    adapters=[adapter],
-                    baselines=grids,
-                    match=True,
-                    calibration_tokens=eval_tokens,
+                    grids,
+                    eval_tokens=eval_tokens,
                     max_length=config.eval_length,
-                    batch_size=8,
-                    max_tokens=eval_tokens,
                     seed=recipe.seed,
                     on_point=lambda message: (bar.set_postfix_str(message[:60]), bar.update(1)),
                 )
-            result["points"][1]["label"] = "BEAM"
+            next(p for p in result["points"] if p["method"] == "beam")["label"] = "BEAM"
             result["matched"][0]["beam"]["label"] = "BEAM"
             result["config"]["adapters"] = ["adapter"]
             comp = comparison(result)
