@@ -34,7 +34,7 @@ class Recipe:
     head what the full Top-K would have predicted, a denser signal than the next token alone.
     """
 
-    steps: int = 300
+    steps: int = 250
     batch_size: int = 8
     max_length: int = 256
     lr: float = 1e-2
@@ -42,7 +42,7 @@ class Recipe:
     train: str = "mask"
     model_lr: float | None = None
     controller_kp: float = 1.0
-    controller_ki: float = 0.05
+    controller_ki: float = 0.2
     renormalize: bool = False
     bias: bool = False
     seed: int = 0
