@@ -96,3 +96,16 @@ def test_pieces_cut_at_line_breaks_and_keep_all_text():
     cut = pieces(text, size=1000)
     assert all(len(p) < 1200 for p in cut) and len(cut) == 10
     assert "\n".join(cut) == text
+
+
+def test_mask_and_router_adapters_are_compared_with_baselines_on_the_stock_model(corpus, tmp_path):
+    out = tmp_path / "qs"
+    argv = ["quickstart", "--output", str(out), "--train", "mask+router", "--no-bench", *TINY]
+    assert main([a for a in argv if a not in ("--bench-tokens", "8,64", "--bench-rounds", "3")]) == 0
+    doc = json.loads((out / "results.json").read_text())
+    assert (out / "adapter" / "trained_routers.safetensors").is_file()
+    assert "stock model" in doc["sweep"]["config"]["routers"]
+    assert doc["speed"] is None and "skipped" in (out / "report.md").read_text()
+    base = next(p for p in doc["sweep"]["points"] if p["method"] == "base")
+    assert base["ppl"] == doc["comparison"]["base_ppl"]
+    assert set(doc["comparison"]["baselines"]) == {"top_k", "top_p", "threshold"}

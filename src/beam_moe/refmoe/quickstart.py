@@ -263,6 +263,11 @@ Training: {training["steps"]} steps of {recipe["batch_size"]} x {recipe["max_len
 objective `{recipe["objective"]}`, trained: `{recipe["train"]}`, head learning rate {recipe["lr"]},
 {training["seconds"]:.0f} s. Baselines are training-free routing policies calibrated to BEAM's
 measured Avg-K on the same text (Top-K pruning is interpolated between whole numbers of experts).
+BEAM's measured Avg-K on the held-out text is {comp["avg_k"]:.2f} (target {config["target_avg_k"]}){
+        ""
+        if abs(comp["avg_k"] - config["target_avg_k"]) <= 0.1
+        else "; the budget controller had not brought it to the target within the training steps"
+    }.
 
 ## Quality and compute at equal Avg-K
 
@@ -277,7 +282,9 @@ MoE FLOPs count routed experts, router and (for BEAM) the mask head; 2 FLOPs per
 
 Time inside the 4 MoE blocks during a real forward pass of one held-out sequence, stock
 transformers model (Top-{comp["top_k"]}) vs the BEAM model (masked experts never computed); medians
-over {document["speed"]["rounds"] if document["speed"] else 0} interleaved rounds, {machine.get("torch_threads")} threads.
+over {document["speed"]["rounds"] if document["speed"] else 0} interleaved rounds, {
+        machine.get("torch_threads")
+    } threads.
 The reference model's experts are tiny (hidden 256, 64 per expert), so fixed per-call costs weigh
 more than in a real model; `beam-moe bench layer --preset qwen3-30b-a3b` measures real sizes.
 
