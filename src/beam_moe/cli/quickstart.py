@@ -32,6 +32,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=recipe.lr, help=f"mask heads' learning rate ({recipe.lr})")
     p.add_argument("--objective", choices=("lm", "distill", "lm+distill"), default=recipe.objective)
     p.add_argument("--train", choices=("mask", "mask+router"), default=recipe.train, help="what trains")
+    p.add_argument(
+        "--controller-kp", type=float, default=recipe.controller_kp, help="budget controller, P gain"
+    )
+    p.add_argument(
+        "--controller-ki", type=float, default=recipe.controller_ki, help="budget controller, I gain"
+    )
     p.add_argument("--eval-blocks", type=int, default=defaults.eval_blocks, help="held-out windows evaluated")
     p.add_argument("--eval-length", type=int, default=defaults.eval_length, help="tokens per held-out window")
     p.add_argument("--points", type=int, default=defaults.points, help="grid points per continuous baseline")
@@ -71,6 +77,8 @@ def run(args: argparse.Namespace) -> int:
             lr=args.lr,
             objective=args.objective,
             train=args.train,
+            controller_kp=args.controller_kp,
+            controller_ki=args.controller_ki,
             seed=args.seed,
         ),
         eval_blocks=args.eval_blocks,
