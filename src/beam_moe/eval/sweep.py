@@ -8,7 +8,7 @@ same way and is counted by the same counters.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -88,6 +88,7 @@ def sweep(
     max_tokens: int | None = None,
     seed: int = 0,
     progress: bool = False,
+    on_point: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Perplexity and Avg-K of the base model, each BEAM adapter, and each baseline over a grid.
 
@@ -96,6 +97,8 @@ def sweep(
     values. With `match`, each baseline is also calibrated (on `calibration_data`, by default the
     evaluation text, first `calibration_tokens` tokens) to every BEAM adapter's Avg-K and evaluated
     there. Returns {"points", "matched", "config"}; see `sweep_markdown` and `plots.plot_sweep`.
+    `on_point(message)` is called after every evaluation (a progress bar can count them:
+    1 + adapters + grid points + adapters x baselines when matching).
     """
     texts = read_texts(data)
     calibration = read_texts(calibration_data) if calibration_data is not None else texts
@@ -112,6 +115,8 @@ def sweep(
     kwargs = dict(max_length=max_length, batch_size=batch_size, max_tokens=max_tokens)
 
     def log(message: str) -> None:
+        if on_point is not None:
+            on_point(message)
         if progress:
             print(f"sweep: {message}", flush=True)
 
