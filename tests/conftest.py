@@ -12,6 +12,15 @@ from beam_moe.tiny_models import TINY_CONFIGS  # noqa: E402
 FAMILIES = list(TINY_CONFIGS)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from a second thread, and on a busy 2-core machine it costs seconds per op."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(params=FAMILIES)
 def family(request) -> str:
     return request.param

@@ -27,13 +27,7 @@ RESULT_FIELDS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny shapes: one thread, so that a loaded machine's thread stalls do not dominate."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 SMALL_PROBES = (16 << 20, 256)

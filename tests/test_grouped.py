@@ -174,4 +174,3 @@ def test_host_and_tensor_sorts_agree():
     assert torch.equal(on_device.tokens, on_host.tokens)
     assert on_device.spans == on_host.spans
     assert torch.equal(on_device.counts, on_host.counts)
-

@@ -11,14 +11,7 @@ from beam_moe.loading import load_base_model
 from beam_moe.merged import effective_beam_config, mask_layer_index
 from serving_models import PROMPTS, save_base, save_merged
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a busy 2-core machine it costs seconds per op."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
