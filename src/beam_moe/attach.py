@@ -53,6 +53,7 @@ def attach(model: nn.Module, config: BeamConfig | None = None) -> nn.Module:
             bias=config.bias,
             init=config.init,
             init_std=config.init_std,
+            router_aware=config.head == "router",
             device=family.router_weight(layer.router).device,
         )
         head.train(layer.block.training)

@@ -26,7 +26,10 @@ from beam_moe.identity import base_identity, identity_mismatch
 CONFIG_FILE = "beam_config.json"
 WEIGHTS_FILE = "beam_adapter.safetensors"
 FORMAT = "beam-moe-adapter"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+"""Version 2 added the router-aware head (`head`, `router_scale`, `router_offset`); a version 1
+adapter has the paper's linear head."""
 
 
 def _sha256(path: Path) -> str:
@@ -95,14 +98,16 @@ def read_adapter_config(path: str | Path) -> dict[str, Any]:
         ) from e
     if not isinstance(document, dict) or document.get("format") != FORMAT:
         raise BeamError(f'{config_path} is not a beam-moe adapter config (no "format": "{FORMAT}")')
-    if document.get("format_version") != FORMAT_VERSION:
+    if document.get("format_version") not in READABLE_VERSIONS:
         raise BeamError(
             f"{config_path} has format version {document.get('format_version')!r}; "
-            f"this beam-moe ({_version()}) reads version {FORMAT_VERSION}"
+            f"this beam-moe ({_version()}) reads versions {', '.join(map(str, READABLE_VERSIONS))}"
         )
     for key in ("config", "base", "weights"):
         if not isinstance(document.get(key), dict):
             raise BeamError(f"{config_path} has no {key!r} section; the file is incomplete")
+    if document["format_version"] == 1:
+        document["config"].setdefault("head", "linear")
     try:
         document["config"] = BeamConfig.from_dict(document["config"])
     except BeamError as e:
@@ -128,6 +133,16 @@ def _read_weights(path: Path, document: dict[str, Any]) -> dict[str, torch.Tenso
         raise BeamError(f"{weights_path} cannot be read as safetensors ({e}); re-save the adapter") from e
 
 
+def head_tensor_shapes(config: BeamConfig, num_experts: int, hidden_size: int) -> dict[str, tuple[int, ...]]:
+    """The tensors of one mask head under `config`, by name, with their shapes."""
+    shapes: dict[str, tuple[int, ...]] = {"weight": (num_experts, hidden_size)}
+    if config.bias:
+        shapes["bias"] = (num_experts,)
+    if config.head == "router":
+        shapes |= {"router_scale": (1,), "router_offset": (1,)}
+    return shapes
+
+
 def load_beam(model: nn.Module, path: str | Path) -> nn.Module:
     """Attach the adapter in folder `path` to `model` (replacing any attached one); returns `model`.
 
@@ -147,11 +162,10 @@ def load_beam(model: nn.Module, path: str | Path) -> nn.Module:
         raise BeamError(f"the adapter at {path} was trained for another base model: {mismatch}")
 
     blocks = [name for name, _ in select_blocks(model, family, config.layers)]
-    shapes = {"weight": (base["num_experts"], base["hidden_size"]), "bias": (base["num_experts"],)}
     expected = {
-        f"{name}.beam_mask.{key}": shapes[key]
+        f"{name}.beam_mask.{key}": shape
         for name in blocks
-        for key in (("weight", "bias") if config.bias else ("weight",))
+        for key, shape in head_tensor_shapes(config, base["num_experts"], base["hidden_size"]).items()
     }
     if set(tensors) != set(expected):
         missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))

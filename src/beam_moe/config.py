@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from beam_moe.errors import BeamError
+from beam_moe.mask import HEADS
 
 INITS = ("zeros", "normal")
 BACKENDS = ("auto", "grouped", "reference", "triton")
@@ -19,6 +20,9 @@ BACKENDS = ("auto", "grouped", "reference", "triton")
 class BeamConfig:
     """How the mask heads are built and applied.
 
+    head:        "linear", the paper's mask head z = x · W_m; or "router", which adds a learned
+                 multiple of the router's own relative weight log(g_k / max g) and an offset, so
+                 that it can start as threshold skipping at the training budget (see mask.py).
     threshold:   keep a Top-K slot when sigmoid(z) >= threshold (the paper's 0.5).
     init:        "zeros" (keep every expert, so an untrained adapter is the base model) or "normal".
     init_std:    standard deviation for init="normal".
@@ -29,6 +33,7 @@ class BeamConfig:
     """
 
     threshold: float = 0.5
+    head: str = "linear"
     init: str = "zeros"
     init_std: float = 0.02
     bias: bool = False
@@ -48,6 +53,11 @@ class BeamConfig:
                 "the paper uses 0.5"
             )
         self.threshold = float(self.threshold)
+        if self.head not in HEADS:
+            raise BeamError(
+                f"head must be one of {', '.join(HEADS)} ('linear': the paper's head; 'router': "
+                f"router-aware), got {self.head!r}"
+            )
         if self.init not in INITS:
             raise BeamError(f"init must be one of {', '.join(INITS)}, got {self.init!r}")
         if not (

@@ -77,7 +77,7 @@ class BeamMoELayer:
             routing = apply_slot_mask(
                 weights,
                 ids,
-                self.head.slot_logits(hidden, ids),
+                self.head.slot_logits(hidden, ids, weights),
                 self.config.threshold,
                 renormalize=self.config.renormalize,
             )

@@ -31,10 +31,11 @@ from beam_moe.config import BeamConfig
 from beam_moe.errors import BeamError
 
 FORMAT = "beam-moe-merged"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # 2: the router-aware head; a version 1 export has the paper's linear head
 ARCHITECTURE_PREFIX = "Beam"
 INDEX_FILE = "model.safetensors.index.json"
-MASK_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\..*beam_mask\.(weight|bias)$")
+MASK_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\..*beam_mask\.(weight|bias|router_scale|router_offset)$")
 # Serve-time overrides may change how the mask is applied, not which tensors exist.
 RUNTIME_KEYS = ("threshold", "renormalize", "backend")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
@@ -164,11 +165,13 @@ def read_merged_config(config: dict[str, Any] | Any, source: str = "config.json"
             f"{source} is not a merged BEAM checkpoint (no beam_export section); "
             "create one with `beam-moe export ADAPTER --output DIR`"
         )
-    if export.get("format_version") != FORMAT_VERSION:
+    if export.get("format_version") not in READABLE_VERSIONS:
         raise BeamError(
             f"{source} has merged format version {export.get('format_version')!r}; "
-            f"this beam-moe ({_version()}) reads version {FORMAT_VERSION}"
+            f"this beam-moe ({_version()}) reads versions {', '.join(map(str, READABLE_VERSIONS))}"
         )
+    if export["format_version"] == 1 and isinstance(export.get("config"), dict):
+        export["config"].setdefault("head", "linear")
     layers = export.get("mask_layers")
     if not isinstance(layers, list) or not all(isinstance(i, int) for i in layers):
         raise BeamError(f"{source}: beam_export.mask_layers must be a list of layer indices")

@@ -29,6 +29,9 @@ class BeamStats:
     computed_rows: (token, expert) rows that entered an expert GEMM, summed over layers; equals
                    kept_pairs in eval mode and routed_pairs in training mode (all K are computed).
     avg_k:         kept routed experts per token, averaged over MoE layers.
+    per_layer:     Avg-K of each MoE layer.
+    zero_kept:     per layer, the fraction of tokens that kept no routed expert (in a model without
+                   shared experts such a token skips the layer's FFN entirely).
     """
 
     def __init__(self, layer_names: list[str], top_k: list[int], record: bool = False) -> None:
@@ -38,12 +41,14 @@ class BeamStats:
         n = len(layer_names)
         self._tokens = [0] * n
         self._kept: list[Tensor | int] = [0] * n
+        self._zero: list[Tensor | int] = [0] * n
         self._rows: list[Tensor | int] = [0] * n
         self.records: list[list[RoutingRecord]] = [[] for _ in range(n)]
 
     def _add_routing(self, layer: int, keep: Tensor, ids: Tensor, soft: Tensor, weights: Tensor) -> None:
         self._tokens[layer] += keep.shape[0]
         self._kept[layer] = self._kept[layer] + keep.sum()
+        self._zero[layer] = self._zero[layer] + (~keep.any(dim=-1)).sum()
         if self.record:
             self.records[layer].append(
                 RoutingRecord(
@@ -87,6 +92,15 @@ class BeamStats:
         }
 
     @property
+    def zero_kept(self) -> dict[str, float]:
+        """Fraction of each MoE layer's tokens that kept no routed expert, by the layer's name."""
+        return {
+            name: self._int(zero) / tokens
+            for name, zero, tokens in zip(self.layer_names, self._zero, self._tokens, strict=True)
+            if tokens
+        }
+
+    @property
     def avg_k(self) -> float:
         values = list(self.per_layer.values())
         return sum(values) / len(values) if values else float("nan")
@@ -106,6 +120,7 @@ class BeamStats:
             "computed_rows": self.computed_rows,
             "kept_fraction": self.kept_fraction,
             "per_layer": self.per_layer,
+            "zero_kept": self.zero_kept,
         }
 
 

@@ -105,6 +105,8 @@ def table(document: dict[str, Any]) -> str:
         p = document["perplexity"]
         lines.append(f"perplexity  {p['ppl']:.4f}  ({p['scored_tokens']} tokens of {p['file']})")
         lines.append("per layer   " + " ".join(f"{k:.2f}" for k in p["per_layer"].values()))
+        if p.get("zero_kept"):
+            lines.append("no expert   " + " ".join(f"{z:.1%}" for z in p["zero_kept"].values()))
     lines.append(
         f"MoE FLOPs   {flops['masked']['total'] / 1e6:.3f} of {flops['base']['total'] / 1e6:.3f} MFLOPs/token: "
         f"{flops['moe_flops_reduction']:.1%} saved (at most {flops['max_reduction']:.1%})"

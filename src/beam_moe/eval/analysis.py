@@ -82,7 +82,7 @@ def analyze_routing(
     """A JSON-ready summary of how `model` routes `data` (its first `max_tokens` tokens).
 
     Keys: avg_k, top_k, tokens, kept_histogram (tokens keeping 0..K experts, averaged over layers),
-    layers (per layer: name, avg_k, keep_rate_by_rank, load_before, load_after, imbalance before and
+    layers (per layer: name, avg_k, zero_kept (share of tokens keeping no routed expert), keep_rate_by_rank, load_before, load_after, imbalance before and
     after), keep_rate_by_rank (all layers), token_map (kept experts per token of the first text).
     """
     texts = read_texts(data, text_key=text_key)
@@ -115,6 +115,7 @@ def analyze_routing(
             {
                 "name": layer.name,
                 "avg_k": float(record.keep.sum(dim=-1).float().mean()),
+                "zero_kept": float((~record.keep.any(dim=-1)).float().mean()),
                 "top_k": layer.top_k,
                 "keep_rate_by_rank": keep_rate_by_rank(record),
                 "load_before": before,

@@ -33,6 +33,7 @@ class PerplexityResult:
     avg_k:          kept routed experts per token, averaged over the masked MoE layers (None
                     when the model has no BEAM attachment).
     per_layer:      Avg-K of each masked MoE layer, by qualified name.
+    zero_kept:      per masked MoE layer, the fraction of tokens that kept no routed expert.
     """
 
     ppl: float
@@ -47,6 +48,7 @@ class PerplexityResult:
     kept_pairs: int | None = None
     computed_rows: int | None = None
     per_layer: dict[str, float] = field(default_factory=dict)
+    zero_kept: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -133,6 +135,7 @@ def perplexity(
         result.kept_pairs = stats.kept_pairs
         result.computed_rows = stats.computed_rows
         result.per_layer = stats.per_layer
+        result.zero_kept = stats.zero_kept
     return result
 
 

@@ -113,11 +113,23 @@ def _draw_sweep(axes, points: list[Mapping[str, Any]], top_k: int) -> None:
 
 
 def plot_avg_k_per_layer(summary: Mapping[str, Any], path: str | Path) -> Path:
-    """Bars of Avg-K per MoE layer, with Top-K and the model's mean Avg-K as lines."""
+    """Bars of Avg-K per MoE layer, with Top-K and the model's mean Avg-K as lines; above each bar
+    the share of tokens that kept no routed expert in that layer."""
     layers = summary["layers"]
     figure = _figure(max(5.0, 0.25 * len(layers) + 3), 4.0)
     axes = figure.add_subplot()
-    axes.bar(range(len(layers)), [layer["avg_k"] for layer in layers], color="#1f77b4")
+    bars = axes.bar(range(len(layers)), [layer["avg_k"] for layer in layers], color="#1f77b4")
+    if len(layers) <= 32:
+        for bar, layer in zip(bars, layers, strict=True):
+            if "zero_kept" in layer:
+                axes.annotate(
+                    f"0: {layer['zero_kept']:.0%}",
+                    (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                    textcoords="offset points",
+                    xytext=(0, 2),
+                    ha="center",
+                    fontsize=7,
+                )
     axes.axhline(
         summary["top_k"], color="black", linestyle="--", linewidth=1, label=f"Top-K = {summary['top_k']}"
     )
@@ -126,7 +138,7 @@ def plot_avg_k_per_layer(summary: Mapping[str, Any], path: str | Path) -> Path:
     axes.set_xlabel("MoE layer (0 = closest to the input)")
     axes.set_ylabel("Avg-K (kept routed experts per token)")
     axes.set_ylim(0, summary["top_k"] * 1.15)
-    axes.set_title(f"Experts kept per layer ({summary['tokens']} tokens)")
+    axes.set_title(f"Experts kept per layer ({summary['tokens']} tokens; '0:' tokens keeping none)")
     axes.legend(fontsize=8, loc="upper right")
     axes.grid(True, axis="y", alpha=0.3)
     return _save(figure, path)

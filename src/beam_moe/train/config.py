@@ -10,6 +10,7 @@ from typing import Any
 
 from beam_moe.config import BeamConfig
 from beam_moe.errors import BeamError
+from beam_moe.train.budget import CONTROLLER_DEFAULTS
 
 OBJECTIVES = ("lm", "distill", "lm+distill")
 TRAIN_MODES = ("mask", "mask+router", "full", "lora")
@@ -33,8 +34,17 @@ class TrainConfig:
     """One training run: a model folder (or Hub id), data files and an output folder, plus the recipe.
 
     Sparsity: give `beta` (the paper's L1 weight) or `target_avg_k` (a controller adjusts beta so
-    that the measured Avg-K settles at the target). `lr` is the mask heads' learning rate;
-    `model_lr` that of the model's own weights that train (routers, LoRA, everything).
+    that the measured Avg-K settles at the target: `controller_*`, `beta_init` (default: a guess
+    from the target, train/budget.py `initial_beta`)).
+    For the last `settle` fraction of the steps beta is frozen and the learning rates decay, so the
+    heads settle; then, with `calibrate`, the serve-time threshold is set so that Avg-K on
+    `calibration_tokens` tokens of validation text (else training text) equals the target.
+    A router-aware head (beam={"head": "router"}) starts as threshold skipping calibrated to
+    `start_avg_k` (default: the target; with a fixed beta, half the Top-K).
+    `lr` is the mask heads' learning rate (a router-aware head's two scalars per layer train at
+    `router_term_lr_ratio` x `lr`: Adam moves every parameter by about lr per step, and a shared
+    offset moves the whole layer's budget); `model_lr` that of the model's own weights that train
+    (routers, LoRA, everything).
     `batch_size` is per process; one optimizer step sees batch_size x grad_accum x processes
     sequences of `max_length` tokens.
     """
@@ -47,14 +57,21 @@ class TrainConfig:
     distill_weight: float = 1.0
     beta: float | None = None
     target_avg_k: float | None = None
-    controller_kp: float = 0.5
-    controller_ki: float = 0.01
+    controller_kp: float = CONTROLLER_DEFAULTS["kp"]
+    controller_ki: float = CONTROLLER_DEFAULTS["ki"]
+    controller_smoothing: float = CONTROLLER_DEFAULTS["smoothing"]
+    beta_init: float | None = None
+    router_term_lr_ratio: float = 0.1
+    settle: float = 0.25
+    calibrate: bool = True
+    calibration_tokens: int = 16384
+    start_avg_k: float | None = None
     train: str = "mask"
     lora_rank: int = 16
     lora_alpha: float = 32.0
     balance_coef: float | None = None
     dtype: str = "fp32"
-    lr: float = 1e-3
+    lr: float = 1e-2
     model_lr: float | None = None
     weight_decay: float = 0.0
     warmup: float = 0.03
@@ -109,6 +126,23 @@ class TrainConfig:
             )
         if not self.data:
             raise BeamError("no training data given: pass one or more files or folders")
+        if not 0.0 <= self.settle < 1.0:
+            raise BeamError(f"settle must be a fraction of the run in [0, 1), got {self.settle}")
+        if self.calibration_tokens < 1:
+            raise BeamError(f"calibration_tokens must be >= 1, got {self.calibration_tokens}")
+        if self.start_avg_k is not None and not (math.isfinite(self.start_avg_k) and self.start_avg_k > 0):
+            raise BeamError(f"start_avg_k must be > 0, got {self.start_avg_k}")
+        if not (
+            self.controller_kp >= 0
+            and self.controller_ki >= 0
+            and 0 <= self.controller_smoothing < 1
+            and (self.beta_init is None or self.beta_init > 0)
+            and self.router_term_lr_ratio > 0
+        ):
+            raise BeamError(
+                "controller gains must be controller_kp >= 0, controller_ki >= 0, "
+                "0 <= controller_smoothing < 1, beta_init > 0 (or unset) and router_term_lr_ratio > 0"
+            )
         positive = {"lr": self.lr, "batch_size": self.batch_size, "grad_accum": self.grad_accum}
         positive |= {"max_length": self.max_length, "lora_rank": self.lora_rank, "epochs": self.epochs}
         for name, value in positive.items():
@@ -136,6 +170,10 @@ class TrainConfig:
     @property
     def effective_model_lr(self) -> float:
         return self.model_lr if self.model_lr is not None else DEFAULT_MODEL_LR.get(self.train, self.lr)
+
+    def settle_start(self, total_steps: int) -> int:
+        """The step from which beta is frozen and the learning rates decay."""
+        return total_steps - round(self.settle * total_steps)
 
     def warmup_steps(self, total_steps: int) -> int:
         """`warmup` below 1 is a fraction of the run, from 1 on a number of steps."""

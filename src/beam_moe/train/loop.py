@@ -30,7 +30,14 @@ from torch import Tensor, nn
 from beam_moe.attach import attach, get_attachment, mask_regularizer
 from beam_moe.errors import BeamError
 from beam_moe.loading import load_base_model, load_tokenizer
-from beam_moe.train.budget import BudgetController, FixedBeta, check_target
+from beam_moe.train.budget import (
+    BudgetController,
+    FixedBeta,
+    calibrate_router_heads,
+    calibrate_threshold,
+    check_target,
+    measure_avg_k,
+)
 from beam_moe.train.checkpointing import Checkpointer, trainable_state
 from beam_moe.train.config import TrainConfig
 from beam_moe.train.data import IGNORE, BatchSchedule, Blocks, load_training_data
@@ -52,13 +59,18 @@ class TrainResult:
     main_process: bool = True
 
 
-def warmup_cosine(total: int, warmup: int, min_ratio: float) -> Callable[[int], float]:
-    """Linear warm-up to the peak, then cosine decay to `min_ratio` x peak at `total` steps."""
+def warmup_hold_cosine(total: int, warmup: int, decay_start: int, min_ratio: float) -> Callable[[int], float]:
+    """Linear warm-up to the peak, the peak until `decay_start`, then cosine decay to `min_ratio` x
+    peak at `total` steps. The heads keep their full learning rate while the budget controller is
+    still moving beta, and anneal once beta is frozen (the settle phase)."""
+    decay_start = max(decay_start, warmup)
 
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / (warmup + 1)
-        progress = (step - warmup) / max(1, total - warmup)
+        if step < decay_start:
+            return 1.0
+        progress = (step - decay_start) / max(1, total - decay_start)
         return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
     return factor
@@ -112,7 +124,12 @@ class Trainer:
         if config.target_avg_k is not None:
             check_target(config.target_avg_k, self.top_k)
             self.budget: BudgetController | FixedBeta = BudgetController(
-                config.target_avg_k, self.top_k, config.controller_kp, config.controller_ki
+                config.target_avg_k,
+                self.top_k,
+                kp=config.controller_kp,
+                ki=config.controller_ki,
+                smoothing=config.controller_smoothing,
+                beta_init=config.beta_init,
             )
         else:
             self.budget = FixedBeta(config.beta or 0.0)
@@ -129,13 +146,21 @@ class Trainer:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.trainable = select_trainable(self.model, config.train, config.lora_rank, config.lora_alpha)
         optimizer = torch.optim.AdamW(
-            self.trainable.param_groups(config.lr, config.effective_model_lr, config.weight_decay)
+            self.trainable.param_groups(
+                config.lr, config.effective_model_lr, config.weight_decay, config.router_term_lr_ratio
+            )
         )
         self.model.train()
         self.run_model, self.optimizer = self.accelerator.prepare(self.model, optimizer)
+        self.settle_start = config.settle_start(self.total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self._torch_optimizer,
-            warmup_cosine(self.total_steps, config.warmup_steps(self.total_steps), config.min_lr_ratio),
+            warmup_hold_cosine(
+                self.total_steps,
+                config.warmup_steps(self.total_steps),
+                self.settle_start,
+                config.min_lr_ratio,
+            ),
         )
         self.checkpointer = Checkpointer(self.output, self.is_main, config.keep_checkpoints)
 
@@ -252,6 +277,49 @@ class Trainer:
             "val_tokens": int(tokens),
         }
 
+    # The budget at the start and at the end -----------------------------------------------------
+
+    def _calibration_batches(self) -> list[dict[str, Tensor]]:
+        """The text calibration measures Avg-K on: the validation blocks, else the first training
+        blocks (in the run's fixed order), up to `calibration_tokens` real tokens."""
+        blocks = self.data.val if self.data.val is not None else self.data.train
+        order = list(range(len(blocks)))
+        if blocks is self.data.train:
+            order = [int(i) for i in self.schedule.global_indices(0)] + order
+        picked: list[int] = []
+        tokens = 0
+        for i in dict.fromkeys(order):
+            picked.append(i)
+            tokens += int(blocks.attention_mask[i].sum())
+            if tokens >= self.config.calibration_tokens:
+                break
+        size = self.config.batch_size
+        return [self._to_device(blocks.batch(picked[i : i + size])) for i in range(0, len(picked), size)]
+
+    def _start_router_heads(self, metrics: MetricsLog) -> None:
+        """A router-aware head starts as threshold skipping at the start budget (module budget.py)."""
+        attachment = get_attachment(self.model)
+        if attachment.config.head != "router":
+            return
+        start = self.config.start_avg_k or self.config.target_avg_k or self.top_k / 2
+        check_target(start, self.top_k)
+        threshold = calibrate_router_heads(self.model, self._calibration_batches(), start)
+        metrics.log({"step": 0, "split": "start", "start_avg_k": start, "router_threshold": threshold})
+
+    def _land_on_target(self) -> dict[str, Any]:
+        """With a target: the serve-time threshold that puts Avg-K on it (when `calibrate` is on)."""
+        config = self.config
+        if config.target_avg_k is None or not config.calibrate:
+            return {}
+        batches = self._calibration_batches()
+        before = measure_avg_k(self.model, batches)
+        threshold = calibrate_threshold(self.model, batches, config.target_avg_k)
+        return {
+            "calibration_avg_k_before": before,
+            "calibration_avg_k": measure_avg_k(self.model, batches),
+            "threshold": threshold,
+        }
+
     # The run -----------------------------------------------------------------------------------
 
     def _resume(self, metrics: MetricsLog) -> tuple[int, int]:
@@ -292,6 +360,8 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         metrics = MetricsLog(self.output, self.is_main, config.tensorboard)
         step, tokens = self._resume(metrics) if config.resume else (0, 0)
+        if step == 0:
+            self._start_router_heads(metrics)
         progress = Progress(self.total_steps, step, config.progress and self.is_main)
         started = time.perf_counter()
         record: dict[str, Any] = {}
@@ -314,6 +384,8 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 self.budget.update(stats["avg_k"])
                 step += 1
+                if step >= self.settle_start:
+                    self.budget.freeze()
                 tokens += stats["tokens"]
                 record = {
                     "step": step,
@@ -333,6 +405,7 @@ class Trainer:
                 if config.save_every and step % config.save_every == 0 and step < self.total_steps:
                     self._save_checkpoint(step, tokens)
             final = {k: record.get(k) for k in ("loss", "lm_loss", "kl", "avg_k", "beta")}
+            final.update(self._land_on_target())
             if self.data.val is not None:
                 val = self.evaluate(self.data.val)
                 metrics.log({"step": step, "split": "val", **val})

@@ -105,7 +105,12 @@ def _plain_heads(model: nn.Module, state: dict[str, torch.Tensor]) -> Iterator[N
     originals = [layer.block._modules["beam_mask"] for layer in layers]
     try:
         for layer, original in zip(layers, originals, strict=True):
-            head = MaskHead(layer.hidden_size, layer.num_experts, bias=original.bias is not None)
+            head = MaskHead(
+                layer.hidden_size,
+                layer.num_experts,
+                bias=original.bias is not None,
+                router_aware=original.router_aware,
+            )
             with torch.no_grad():
                 for key, param in head.named_parameters():
                     param.copy_(state[f"{layer.name}.beam_mask.{key}"])

@@ -10,7 +10,7 @@ PEFT's `target_parameters` (a low-rank update per expert). The routers stay froz
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
@@ -26,11 +26,25 @@ class Trainable:
     mask: list[nn.Parameter]
     model: list[nn.Parameter]
     peft_model: Any = None
+    router_terms: list[nn.Parameter] = field(default_factory=list)
 
-    def param_groups(self, lr: float, model_lr: float, weight_decay: float) -> list[dict[str, Any]]:
-        """Optimizer groups: the heads (no weight decay, which would pull them back to keep-all)
-        and the model's own weights."""
-        groups = [{"params": self.mask, "lr": lr, "weight_decay": 0.0, "name": "mask"}]
+    def param_groups(
+        self, lr: float, model_lr: float, weight_decay: float, router_term_lr_ratio: float = 1.0
+    ) -> list[dict[str, Any]]:
+        """Optimizer groups: the heads (no weight decay, which would pull them back to keep-all),
+        a router-aware head's scalars (at `router_term_lr_ratio` x lr) and the model's own weights."""
+        router_terms = {id(p) for p in self.router_terms}
+        linear = [p for p in self.mask if id(p) not in router_terms]
+        groups = [{"params": linear, "lr": lr, "weight_decay": 0.0, "name": "mask"}]
+        if self.router_terms:
+            groups.append(
+                {
+                    "params": self.router_terms,
+                    "lr": lr * router_term_lr_ratio,
+                    "weight_decay": 0.0,
+                    "name": "mask_router",
+                }
+            )
         if self.model:
             groups.append(
                 {"params": self.model, "lr": model_lr, "weight_decay": weight_decay, "name": "model"}
@@ -56,7 +70,13 @@ def select_trainable(model: nn.Module, mode: str, lora_rank: int = 16, lora_alph
             p.requires_grad_(True)
     head_ids = {id(p) for p in heads}
     others = [p for p in model.parameters() if p.requires_grad and id(p) not in head_ids]
-    return Trainable(mask=heads, model=others, peft_model=peft_model)
+    router_terms = [
+        p
+        for layer in get_attachment(model).layers
+        if layer.head.router_aware
+        for p in (layer.head.router_scale, layer.head.router_offset)
+    ]
+    return Trainable(mask=heads, model=others, peft_model=peft_model, router_terms=router_terms)
 
 
 def lora_targets(model: nn.Module) -> tuple[list[str], list[str]]:

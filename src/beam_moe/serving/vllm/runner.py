@@ -5,7 +5,7 @@ and the fused-MoE kernel), shared experts, and the tensor-parallel all-reduce. `
 turns the runners of the masked layers into `BeamMoERunner`s (the same objects, re-classed, so
 vLLM's weight loading, shared experts, sequence parallelism and all-reduce stay exactly vLLM's),
 gives each a replicated mask head, and changes one step: between the router and the experts the
-mask decides `keep [T, K]` (beam_moe.routing.apply_mask) and only kept pairs are executed by
+mask decides `keep [T, K]` (beam_moe.routing.apply_slot_mask) and only kept pairs are executed by
 
 - `KernelOnKeptPairs` ("auto" on CPU): vLLM's own fused-MoE kernel called on one row per kept
   pair (top-1) and summed back per token. vLLM's CPU kernel has no way to skip an id (out-of-range
@@ -36,7 +36,7 @@ from beam_moe.errors import BeamError
 from beam_moe.experts import ExpertWeights, available_backends, get_backend
 from beam_moe.mask import MaskHead
 from beam_moe.merged import effective_beam_config, read_merged_config
-from beam_moe.routing import MaskedRouting, apply_mask, to_sentinel
+from beam_moe.routing import MaskedRouting, apply_slot_mask, to_sentinel
 from beam_moe.serving.vllm.stats import SERVING_STATS
 
 logger = init_logger(__name__)
@@ -135,10 +135,11 @@ class BeamMoERunner(MoERunner):
             topk_indices_dtype=self._quant_method.topk_indices_dtype,
             input_ids=input_ids,
         )
-        routing = apply_mask(
+        routing = apply_slot_mask(
             weights,
             ids,
-            self.beam_mask(hidden_states[..., : self.beam_mask.in_features]),  # kernels may pad H
+            # kernels may pad H
+            self.beam_mask.slot_logits(hidden_states[..., : self.beam_mask.in_features], ids, weights),
             self.beam_config.threshold,
             renormalize=self.beam_config.renormalize,
         )
@@ -197,7 +198,8 @@ def install_beam(model: nn.Module, vllm_config: VllmConfig) -> dict[int, BeamMoE
         _check_supported(name, module, executor)
         num_experts = module.moe_config.num_logical_experts
         module.__class__ = BeamMoERunner
-        module.add_module("beam_mask", MaskHead(hidden_size, num_experts, bias=config.bias))
+        head = MaskHead(hidden_size, num_experts, bias=config.bias, router_aware=config.head == "router")
+        module.add_module("beam_mask", head)
         module.beam_config = config
         module.beam_executor = executor
         block_name = name.rsplit(".", 1)[0]
