@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,28 +23,48 @@ from beam_moe.refmoe import reference_model_path
 from beam_moe.refmoe.corpus import read_split
 
 PIECE_CHARS = 2000
+MIXES = ("heldout", "corpus")
 CHARS_PER_TOKEN = 4.0  # the reference BPE on this corpus is about 4.3 characters per token; err on more text
+
+
+def _train_default(name: str) -> Any:
+    from beam_moe.train.config import TrainConfig
+
+    return TrainConfig.__dataclass_fields__[name].default
+
+
+def _beam_default(name: str) -> Any:
+    from beam_moe.config import BeamConfig
+
+    return BeamConfig.__dataclass_fields__[name].default
 
 
 @dataclass
 class Recipe:
     """How the mask heads are trained on the reference MoE (the quickstart's and the sweep's defaults).
 
-    The heads train on the distillation objective (KL from the unmasked model): it tells each
-    head what the full Top-K would have predicted, a denser signal than the next token alone.
+    Everything not set here is `beam-moe train`'s default (`TrainConfig`, `BeamConfig`), so the
+    quickstart, the CLI and the Python API train with one set of defaults. The heads train on the
+    distillation objective (KL from the unmasked model): it tells each head what the full Top-K
+    would have predicted, a denser signal than the next token alone. The training text is mixed
+    like the held-out text (`mix="heldout"`: each source in its held-out share of characters)
+    unless `mix="corpus"` (the train split's own proportions).
     """
 
-    steps: int = 250
+    steps: int = 300
     batch_size: int = 8
     max_length: int = 256
-    lr: float = 1e-2
+    lr: float = field(default_factory=lambda: _train_default("lr"))
     objective: str = "distill"
     train: str = "mask"
+    head: str = field(default_factory=lambda: _beam_default("head"))
     model_lr: float | None = None
-    controller_kp: float = 1.0
-    controller_ki: float = 0.2
+    controller_kp: float = field(default_factory=lambda: _train_default("controller_kp"))
+    controller_ki: float = field(default_factory=lambda: _train_default("controller_ki"))
+    settle: float = field(default_factory=lambda: _train_default("settle"))
     renormalize: bool = False
     bias: bool = False
+    mix: str = "heldout"
     seed: int = 0
 
     def check(self) -> None:
@@ -57,6 +77,8 @@ class Recipe:
             )
         if not self.lr > 0:
             raise BeamError(f"lr must be > 0, got {self.lr}")
+        if self.mix not in MIXES:
+            raise BeamError(f"mix must be one of {', '.join(MIXES)}, got {self.mix!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -90,22 +112,53 @@ def heldout_texts(data_dir: str | Path | None = None, seed: int = 0) -> list[str
     return shuffled_pieces("heldout", seed, data_dir)
 
 
+def source_shares(split: str, data_dir: str | Path | None = None) -> dict[str, float]:
+    """Each source's share of the characters of `split`."""
+    chars: dict[str, int] = {}
+    for record in read_split(split, data_dir):
+        chars[record["source"]] = chars.get(record["source"], 0) + len(record["text"])
+    total = sum(chars.values())
+    return {source: n / total for source, n in sorted(chars.items())}
+
+
 def write_training_text(
-    path: Path, tokens: int, data_dir: str | Path | None = None, seed: int = 0
+    path: Path, tokens: int, data_dir: str | Path | None = None, seed: int = 0, mix: str = "heldout"
 ) -> dict[str, Any]:
-    """A `.jsonl` of train-split pieces with about `tokens` tokens (more than a run reads); returns sizes."""
+    """A `.jsonl` of train-split pieces with about `tokens` tokens (more than a run reads); returns sizes.
+
+    With `mix="heldout"` each source gets its share of the held-out split's characters (the held-out
+    text is about half Shakespeare, the train split a third), so the heads train on the mix they are
+    evaluated on; `mix="corpus"` keeps the train split's proportions.
+    """
     wanted = int(tokens * CHARS_PER_TOKEN * 1.25) + PIECE_CHARS
-    chars = 0
-    count = 0
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for piece in shuffled_pieces("train", seed, data_dir):
-            f.write(json.dumps({"text": piece}, ensure_ascii=False) + "\n")
-            chars += len(piece)
-            count += 1
-            if chars >= wanted:
+    by_source: dict[str, list[str]] = {}
+    for record in read_split("train", data_dir):
+        by_source.setdefault(record["source"], []).extend(pieces(record["text"]))
+    shares = source_shares("heldout" if mix == "heldout" else "train", data_dir)
+    rng = random.Random(seed)
+    chosen: list[tuple[str, str]] = []
+    for source in sorted(by_source):
+        pool = by_source[source]
+        rng.shuffle(pool)
+        budget, taken = shares.get(source, 0.0) * wanted, 0
+        for piece in pool:
+            if taken >= budget:
                 break
-    return {"pieces": count, "characters": chars}
+            chosen.append((source, piece))
+            taken += len(piece)
+    rng.shuffle(chosen)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    chars: dict[str, int] = {}
+    with open(path, "w", encoding="utf-8") as f:
+        for source, piece in chosen:
+            f.write(json.dumps({"text": piece}, ensure_ascii=False) + "\n")
+            chars[source] = chars.get(source, 0) + len(piece)
+    return {
+        "pieces": len(chosen),
+        "characters": sum(chars.values()),
+        "characters_by_source": chars,
+        "mix": mix,
+    }
 
 
 def train_mask_heads(
@@ -130,7 +183,8 @@ def train_mask_heads(
         model_lr=recipe.model_lr,
         controller_kp=recipe.controller_kp,
         controller_ki=recipe.controller_ki,
-        beam={"renormalize": recipe.renormalize, "bias": recipe.bias},
+        settle=recipe.settle,
+        beam={"head": recipe.head, "renormalize": recipe.renormalize, "bias": recipe.bias},
         max_steps=recipe.steps,
         batch_size=recipe.batch_size,
         max_length=recipe.max_length,

@@ -148,7 +148,11 @@ def run_quickstart(config: QuickstartConfig) -> dict[str, Any]:
             stages.start("training text")
             data_file = Path(scratch) / "train.jsonl"
             text_sizes = write_training_text(
-                data_file, recipe.steps * recipe.batch_size * recipe.max_length, config.data_dir, recipe.seed
+                data_file,
+                recipe.steps * recipe.batch_size * recipe.max_length,
+                config.data_dir,
+                recipe.seed,
+                recipe.mix,
             )
             stages.done()
 
