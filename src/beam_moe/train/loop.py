@@ -166,7 +166,7 @@ class Trainer:
                     input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **extra
                 )
                 losses = self.objective.sums(out.logits, teacher, batch["labels"])
-                reg = mask_regularizer(self.model)
+                reg = mask_regularizer(self.model, batch["attention_mask"])
                 aux = out.aux_loss if self.balance and getattr(out, "aux_loss", None) is not None else None
                 aux = aux if aux is not None else reg.new_zeros(())
                 kept, tokens = masked_kept(self.model, batch["attention_mask"])
