@@ -72,6 +72,15 @@ def masked_kept(model: nn.Module, attention_mask: Tensor) -> tuple[Tensor, Tenso
     return kept, real.sum().float()
 
 
+def trained_dtypes(model: nn.Module) -> dict[str, str]:
+    """The dtypes the run trained in, read off the model: the experts' weights and the mask heads."""
+    layer = get_attachment(model).layers[0]
+    return {
+        "experts": str(next(layer.experts.parameters()).dtype).removeprefix("torch."),
+        "mask_heads": str(layer.head.weight.dtype).removeprefix("torch."),
+    }
+
+
 class Trainer:
     """One training run, set up from a TrainConfig; `run()` trains and writes the output folder."""
 
@@ -376,6 +385,7 @@ class Trainer:
                 "target_avg_k": config.target_avg_k,
                 "steps": steps,
                 "tokens": tokens,
+                "dtypes": trained_dtypes(self.model),
                 "final": {k: v for k, v in final.items() if not isinstance(v, dict)},
             }
             write_result(
