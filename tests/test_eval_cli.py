@@ -77,8 +77,11 @@ def test_eval_adapter_model_folder_and_baseline(folders, capsys):
         "2",
         "--json",
     )
-    assert matched["routing"]["calibration"]["target_avg_k"] == 2.0
-    assert abs(matched["avg_k"] - 2.0) < 0.2
+    calibration = matched["routing"]["calibration"]
+    assert calibration["target_avg_k"] == 2.0 and calibration["reached"]
+    # Calibrated on the evaluation text (fewer tokens than --calibration-tokens): the same Avg-K.
+    assert matched["avg_k"] == pytest.approx(calibration["avg_k"], abs=1e-9)
+    assert abs(matched["avg_k"] - 2.0) <= 0.01
 
     assert (
         main(["eval", str(folders / "adapter"), "--ppl", text, "--output", str(folders / "eval.json")]) == 0

@@ -74,6 +74,7 @@ def test_mask_mode_trains_only_the_heads(workdir):
     trainer.run()
     heads = {id(p) for p in mask_parameters(trainer.model)}
     assert set(map(id, trainer._torch_optimizer.state)) == heads, "optimizer state only for the heads"
+    assert all(p.abs().sum() > 0 for p in mask_parameters(trainer.model)), "the zero-initialised heads moved"
     frozen = [p for p in trainer.model.parameters() if id(p) not in heads]
     assert all(not p.requires_grad and p.grad is None for p in frozen)
     base = load_base_model(workdir / "model")
