@@ -38,3 +38,28 @@ def masked_reference(base: nn.Module, heads: dict[str, torch.Tensor], threshold:
 
         handles.append(family.router(block).register_forward_hook(hook))
     return handles
+
+
+def straight_through_reference(base, heads, threshold=0.5):
+    """Hook `base`'s routers with the paper's straight-through mask on leaf head weights [E, H].
+
+    Weights g * (keep + s - s.detach()) with s = sigmoid(z[ids]), independently of beam_moe's
+    routing, so that a gradient to `heads` is what BEAM's heads should get. Returns the hook handles.
+    """
+    family = family_for(base)
+    handles = []
+    for name, block in family.find_blocks(base):
+        weight = heads[name]
+
+        def hook(module, args, output, weight=weight):
+            x = args[0].reshape(-1, weight.shape[1]).float()
+            _, at_weights, at_ids = family.router_outputs
+            g, ids = output[at_weights], output[at_ids]
+            soft = torch.sigmoid((x @ weight.T).gather(1, ids))
+            hard = (soft >= threshold).float() + soft - soft.detach()
+            masked = list(output)
+            masked[at_weights] = g * hard.to(g.dtype)
+            return tuple(masked)
+
+        handles.append(family.router(block).register_forward_hook(hook))
+    return handles

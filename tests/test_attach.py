@@ -18,7 +18,7 @@ from beam_moe import (
 )
 from beam_moe.tiny_models import tiny_config, tiny_model
 from conftest import token_batch
-from masking import masked_reference, randomize_heads
+from masking import masked_reference, randomize_heads, straight_through_reference
 
 
 def heads_of(model):
@@ -99,24 +99,65 @@ def test_everything_masked_runs_no_expert_at_all(family):
     assert torch.isfinite(logits).all()
 
 
-def test_straight_through_gradient_reaches_every_mask_head(family):
-    model = attach(tiny_model(family))
-    randomize_heads(model, seed=3, std=0.05)
-    model.train()
+@pytest.mark.parametrize("backend", ["reference", "grouped", "triton"])
+def test_task_loss_gradient_reaches_every_mask_head(family, backend, monkeypatch):
+    """The task loss alone (no regulariser) trains every head, through the router hook and the
+    backend's expert computation, with the gradient of an independent straight-through reference."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+        monkeypatch.setenv("TRITON_INTERPRET", "1")  # triton runs here; with a gradient it runs grouped
+    reference = tiny_model(family).train()
+    model = attach(copy.deepcopy(reference), BeamConfig(backend=backend)).train()
+    randomize_heads(model, seed=3, std=0.5)
+    heads = {name: w.clone().requires_grad_() for name, w in heads_of(model).items()}
+    handles = straight_through_reference(reference, heads)
     tokens = token_batch(seed=2)
-    loss = model(tokens, labels=tokens).loss + 0.1 * mask_regularizer(model)
-    loss.backward()
+    torch.manual_seed(0)  # Phi-MoE samples its routing in training mode
+    model(tokens, labels=tokens).loss.backward()
+    torch.manual_seed(0)
+    reference(tokens, labels=tokens).loss.backward()
+    for handle in handles:
+        handle.remove()
+    assert 0 < last_avg_k(model) < get_attachment(model).layers[0].top_k, "some slots masked, some kept"
     for layer in get_attachment(model).layers:
-        assert layer.head.weight.grad is not None
-        assert layer.head.weight.grad.abs().sum() > 0
-    assert 0 < last_avg_k(model) <= 2
+        grad, expected = layer.head.weight.grad, heads[layer.name].grad
+        assert expected.abs().sum() > 0
+        assert (grad - expected).abs().max() <= 1e-4 * expected.abs().max(), layer.name
 
 
-def test_regularizer_is_mean_sigmoid_over_layers():
+def test_regularizer_is_mean_sigmoid_over_real_tokens_slots_and_layers():
     model = attach(tiny_model("qwen3_moe"))
+    randomize_heads(model, seed=4, std=0.5)
+    at_ids = get_attachment(model).family.router_outputs[2]
+    seen = {}
+    handles = [
+        layer.router.register_forward_hook(
+            lambda module, args, output, name=layer.name: seen.update({name: (args[0], output[at_ids])})
+        )
+        for layer in get_attachment(model).layers
+    ]
+    tokens = token_batch(batch=2, length=12)
+    attention = torch.ones_like(tokens)
+    attention[1, 5:] = 0  # the second sequence is mostly padding
     model.train()
-    model(token_batch())
-    assert mask_regularizer(model).item() == pytest.approx(0.5)
+    model(input_ids=tokens, attention_mask=attention)
+    for handle in handles:
+        handle.remove()
+    real = attention.reshape(-1).bool()
+    soft = {
+        layer.name: torch.sigmoid((x.reshape(-1, x.shape[-1]) @ layer.head.weight.T).gather(1, ids)).detach()
+        for layer in get_attachment(model).layers
+        for x, ids in [seen[layer.name]]
+    }
+    expected = sum(s[real].mean().item() for s in soft.values()) / len(soft)
+    every_row = sum(s.mean().item() for s in soft.values()) / len(soft)
+    assert abs(expected - every_row) > 1e-3, (
+        "the padding must change the average for this test to mean anything"
+    )
+    assert mask_regularizer(model, attention).item() == pytest.approx(expected, rel=1e-6)
+    assert mask_regularizer(model).item() == pytest.approx(every_row, rel=1e-6)
+    with pytest.raises(BeamError, match="token mask has 12 tokens"):
+        mask_regularizer(model, attention[:1])
     model.eval()
     model(token_batch())
     with pytest.raises(BeamError, match="no training forward pass"):
@@ -185,14 +226,24 @@ def test_layer_selection():
 
 
 def test_renormalize_option_rescales_kept_weights():
+    """What the experts receive: the kept Top-K weights rescaled to the Top-K sum, masked ones 0."""
     model = attach(tiny_model("mixtral"), BeamConfig(renormalize=True))
     randomize_heads(model, seed=7)
+    layer = get_attachment(model).layers[0]
+    received = []
+    handle = layer.experts.register_forward_pre_hook(lambda module, args: received.append(args[2]))
     with torch.no_grad(), beam_stats(model, record=True) as stats:
         model(token_batch())
+    handle.remove()
     record = stats.records[0][0]
-    assert record.keep.any(dim=-1).sum() > 0
-    # Mixtral renormalises its Top-K weights to 1; BEAM then rescales the kept ones back to 1.
-    assert torch.allclose(record.weights.sum(-1), torch.ones(record.weights.shape[0]), atol=1e-5)
+    partial = record.keep.any(dim=-1) & ~record.keep.all(dim=-1)
+    assert partial.sum() > 0, "some tokens keep one of their two experts"
+    kept = torch.where(record.keep, record.weights, 0.0)
+    total = kept.sum(dim=-1, keepdim=True)
+    # Mixtral renormalises its Top-K weights to 1; BEAM rescales the kept ones back to that sum.
+    expected = torch.where(total > 0, kept * record.weights.sum(-1, keepdim=True) / total, 0.0)
+    assert torch.allclose(received[0], expected, atol=1e-6)
+    assert torch.allclose(received[0][partial].sum(-1), torch.ones(int(partial.sum())), atol=1e-6)
 
 
 def test_bf16_model_runs_and_counts():

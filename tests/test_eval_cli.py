@@ -77,8 +77,11 @@ def test_eval_adapter_model_folder_and_baseline(folders, capsys):
         "2",
         "--json",
     )
-    assert matched["routing"]["calibration"]["target_avg_k"] == 2.0
-    assert abs(matched["avg_k"] - 2.0) < 0.2
+    calibration = matched["routing"]["calibration"]
+    assert calibration["target_avg_k"] == 2.0 and calibration["reached"]
+    # Calibrated on the evaluation text (fewer tokens than --calibration-tokens): the same Avg-K.
+    assert matched["avg_k"] == pytest.approx(calibration["avg_k"], abs=1e-9)
+    assert abs(matched["avg_k"] - 2.0) <= 0.01
 
     assert (
         main(["eval", str(folders / "adapter"), "--ppl", text, "--output", str(folders / "eval.json")]) == 0
@@ -160,7 +163,7 @@ def test_sweep_writes_table_json_and_plot(folders, capsys):
                 "--points",
                 "3",
                 "--calibration-tokens",
-                "200",
+                "100000",  # all of the evaluation text: calibration and evaluation see the same tokens
             ]
         )
         == 0
@@ -170,7 +173,26 @@ def test_sweep_writes_table_json_and_plot(folders, capsys):
     result = json.loads((out / "sweep.json").read_text())
     methods = [p["method"] for p in result["points"]]
     assert methods == ["base", "beam"] + ["top_k"] * 5 + ["top_p"] * 3
-    assert set(result["matched"][0]["baselines"]) == {"top_k", "top_p"}
+    assert result["config"]["calibration_data"] == result["config"]["data"] == str(folders / "text.jsonl")
+    (row,) = result["matched"]
+    beam = result["points"][1]
+    assert row["target_avg_k"] == beam["avg_k"] and 0.5 < beam["avg_k"] < 3.5
+    assert set(row["baselines"]) == {"top_k", "top_p"}
+    for matched in row["baselines"].values():
+        calibration = matched["calibration"]
+        assert calibration["target_avg_k"] == beam["avg_k"]
+        # Calibrated on the evaluation text itself: its Avg-K there is the one measured in the sweep.
+        assert matched["avg_k"] == pytest.approx(calibration["avg_k"], abs=1e-9)
+        assert [t["avg_k"] for t in calibration["tried"] if t["param"] == matched["param"]] == [
+            calibration["avg_k"]
+        ]
+    top_p = row["baselines"]["top_p"]
+    assert top_p["calibration"]["reached"]
+    assert abs(top_p["avg_k"] - beam["avg_k"]) <= 0.01  # the calibration tolerance
+    # Top-K pruning keeps a whole number of experts: the nearer of the two around BEAM's Avg-K.
+    top_k = row["baselines"]["top_k"]
+    assert top_k["avg_k"] == top_k["param"]
+    assert top_k["param"] == round(beam["avg_k"])
     base = result["points"][0]
     top_k_noop = next(p for p in result["points"] if p["method"] == "top_k" and p["param"] == 4)
     assert top_k_noop["ppl"] == base["ppl"]

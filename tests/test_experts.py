@@ -12,17 +12,23 @@ BACKENDS = ["reference", "grouped"]
 
 
 class TensorReads(TorchDispatchMode):
-    """Records every aten op, other than a view, that touches one of the watched tensors' storage."""
+    """Records every aten op, other than a view, that touches one of the watched tensors' storage,
+    and which experts (slices along the first dimension; "all" for the whole tensor) it touched."""
 
     def __init__(self, watched):
         super().__init__()
-        self.storages = {t.untyped_storage().data_ptr() for t in watched}
+        self.storages = {t.untyped_storage().data_ptr(): t for t in watched}
         self.reads = []
+        self.experts = set()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         for value in [] if func.is_view else torch.utils._pytree.tree_leaves((args, kwargs or {})):
             if isinstance(value, torch.Tensor) and value.untyped_storage().data_ptr() in self.storages:
                 self.reads.append(str(func))
+                base = self.storages[value.untyped_storage().data_ptr()]
+                offset = value.data_ptr() - base.data_ptr()
+                whole = value.dim() == base.dim()
+                self.experts.add("all" if whole else offset // (base.stride(0) * base.element_size()))
         return func(*args, **(kwargs or {}))
 
 
@@ -96,9 +102,10 @@ def test_only_kept_experts_are_read(backend):
     keep = torch.tensor([[True, False]])
     sentinel = torch.where(keep, ids, experts.num_experts)
     kept_expert = int(ids[0, 0])
-    with TensorReads([experts.gate_up_proj, experts.down_proj]) as reads:
+    with torch.no_grad(), TensorReads([experts.gate_up_proj, experts.down_proj]) as reads:  # inference
         get_backend(backend)(ExpertWeights.of(experts), hidden, sentinel, weights)
     assert reads.reads, "the kept expert must be computed"
+    assert reads.experts == {kept_expert}, "no other expert's weights, and not the whole tensor"
     masked_expert = int(ids[0, 1])
     # The GEMMs see only the kept expert's rows: its output equals that expert alone.
     w = ExpertWeights.of(experts)

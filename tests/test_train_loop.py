@@ -10,8 +10,10 @@ from beam_moe.loading import load_base_model, load_beam_model
 from beam_moe.tiny_models import tiny_model
 from beam_moe.train import TrainConfig, Trainer, train
 from beam_moe.train.checkpointing import checkpoint_dirs
+from beam_moe.train.data import IGNORE
 from conftest import token_batch
-from training import TOP4, model_dir, pretrained_model_dir, write_text_jsonl
+from masking import randomize_heads, straight_through_reference
+from training import TOP4, model_dir, pretrained_model_dir, sentences, write_text_jsonl
 
 TOLERANCE = 0.10  # the issue's ±10% of the target Avg-K
 
@@ -72,6 +74,7 @@ def test_mask_mode_trains_only_the_heads(workdir):
     trainer.run()
     heads = {id(p) for p in mask_parameters(trainer.model)}
     assert set(map(id, trainer._torch_optimizer.state)) == heads, "optimizer state only for the heads"
+    assert all(p.abs().sum() > 0 for p in mask_parameters(trainer.model)), "the zero-initialised heads moved"
     frozen = [p for p in trainer.model.parameters() if id(p) not in heads]
     assert all(not p.requires_grad and p.grad is None for p in frozen)
     base = load_base_model(workdir / "model")
@@ -126,6 +129,58 @@ def test_gradient_checkpointing_keeps_the_regulariser_gradient():
         grads.append(torch.cat([p.grad.flatten() for p in mask_parameters(model)]))
     assert grads[0].abs().sum() > 0
     assert torch.allclose(grads[0], grads[1], atol=1e-7)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_task_loss_gradient_reaches_the_heads_in_the_loop(workdir, checkpointing):
+    """At beta 0 a step's head gradients are those of the task loss alone, computed here through an
+    independent straight-through mask on the base model."""
+    trainer = Trainer(
+        TrainConfig(
+            **options(workdir, f"task-grad-{checkpointing}", beta=0.0, gradient_checkpointing=checkpointing)
+        )
+    )
+    randomize_heads(trainer.model, seed=5, std=0.5)
+    heads = {
+        layer.name: layer.head.weight.detach().clone().requires_grad_()
+        for layer in get_attachment(trainer.model).layers
+    }
+    stats = trainer.train_step(0)
+    assert 0 < stats["avg_k"] < 4, "some slots masked, some kept"
+
+    base = load_base_model(workdir / "model").train()
+    handles = straight_through_reference(base, heads)
+    (index,) = trainer.schedule.micro_batches(0, 0)
+    batch = trainer.data.train.batch(index)
+    logits = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    targets = batch["labels"][:, 1:]
+    where = targets != IGNORE
+    task = torch.nn.functional.cross_entropy(logits[:, :-1][where], targets[where], reduction="sum")
+    (task / where.sum()).backward()
+    for handle in handles:
+        handle.remove()
+    for layer in get_attachment(trainer.model).layers:
+        expected = heads[layer.name].grad
+        assert expected.abs().sum() > 0
+        assert (layer.head.weight.grad - expected).abs().max() <= 1e-4 * expected.abs().max(), layer.name
+
+
+def test_the_regulariser_averages_over_the_real_tokens_of_a_padded_batch(workdir):
+    """--no-packing pads every document to the longest in its batch: the padding must not count."""
+    short = workdir / "short.jsonl"
+    short.write_text("".join(json.dumps({"text": t}) + "\n" for t in sentences(40, seed=3, words=2)))
+    long = sentences(40, seed=4, words=10)
+    short.write_text(short.read_text() + "".join(json.dumps({"text": t}) + "\n" for t in long))
+    trainer = Trainer(
+        TrainConfig(**options(workdir, "padded", data=[str(short)], packing=False, max_length=64, beta=0.5))
+    )
+    randomize_heads(trainer.model, seed=6, std=0.5)
+    stats = trainer.train_step(0)
+    (index,) = trainer.schedule.micro_batches(0, 0)
+    attention = trainer.data.train.batch(index)["attention_mask"]
+    assert (attention == 0).sum() > attention.numel() / 4, "a batch with a lot of padding"
+    assert stats["reg"] == pytest.approx(mask_regularizer(trainer.model, attention).item(), rel=1e-6)
+    assert abs(stats["reg"] - mask_regularizer(trainer.model).item()) > 1e-3
 
 
 def test_beta_moves_the_heads_with_gradient_checkpointing(workdir):

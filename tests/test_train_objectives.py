@@ -1,14 +1,17 @@
-"""Objectives (lm, distill from the same model with masks off) and the Avg-K budget controller."""
+"""Objectives (lm, distill from the original model with masks off) and the Avg-K budget controller."""
 
 import pytest
 import torch
 
 from beam_moe import BeamError, attach, get_attachment
+from beam_moe.loading import load_base_model
 from beam_moe.tiny_models import tiny_model
+from beam_moe.train import TrainConfig, Trainer
 from beam_moe.train.budget import BudgetController, FixedBeta
-from beam_moe.train.objectives import Objective, masks_off
+from beam_moe.train.objectives import Objective, Teacher, deterministic_routing, masks_off
 from conftest import token_batch
 from masking import randomize_heads
+from training import model_dir, write_text_jsonl
 
 
 def batch():
@@ -21,7 +24,7 @@ def test_distill_teacher_is_the_unmasked_model_with_the_same_weights():
     randomize_heads(model, seed=2, std=0.5)
     base = tiny_model("qwen3_moe")
     model.train()
-    teacher = Objective("distill").teacher_logits(model, model, batch())
+    teacher = Teacher.original(model, model, "mask").logits(batch())
     assert not teacher.requires_grad
     with torch.no_grad():
         assert torch.allclose(teacher, base(input_ids=batch()["input_ids"]).logits, atol=1e-5)
@@ -36,9 +39,104 @@ def test_distill_teacher_is_the_unmasked_model_with_the_same_weights():
     assert get_attachment(model).layers[0].head.weight.grad.abs().sum() > 0
 
 
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("teacher")
+    model_dir(path / "model")
+    write_text_jsonl(path / "text.jsonl", n=40)
+    return path
+
+
+def changed(trainer, mode, base):
+    """The trained weights that the teacher must not see, and whether they moved away from the base."""
+    trained = dict(trainer.model.named_parameters())
+    if mode == "lora":
+        return [n for n, p in trained.items() if "lora_B" in n and p.abs().sum() > 0]
+    reference = dict(base.named_parameters())
+    names = [n for n in reference if mode == "full" or ".gate." in n]
+    return [n for n in names if not torch.equal(trained[n], reference[n])]
+
+
+@pytest.mark.parametrize("mode", ["mask", "mask+router", "lora", "full"])
+def test_distill_teacher_is_the_original_model_whatever_trains(teacher_dir, mode):
+    trainer = Trainer(
+        TrainConfig(
+            model=str(teacher_dir / "model"),
+            data=[str(teacher_dir / "text.jsonl")],
+            output=str(teacher_dir / mode),
+            train=mode,
+            objective="lm+distill",
+            beta=0.0,
+            model_lr=1e-2,
+            max_steps=3,
+            batch_size=4,
+            max_length=32,
+            val_fraction=0.0,
+            progress=False,
+            tensorboard=False,
+        )
+    )
+    trainer.run()
+    base = load_base_model(teacher_dir / "model")
+    if mode != "mask":
+        assert changed(trainer, mode, base), "the steps changed the weights the teacher must not use"
+    tokens = batch()
+    with torch.no_grad():
+        expected = base(input_ids=tokens["input_ids"]).logits
+        with masks_off(trainer.model):
+            current = trainer.model.eval()(input_ids=tokens["input_ids"]).logits
+    got = trainer.teacher.logits(tokens)
+    assert (got - expected).abs().max() <= 1e-5
+    if mode != "mask":
+        assert (current - expected).abs().max() > 1e-3, "the trained weights with masks off are another model"
+
+
+@pytest.mark.parametrize("family", ["mixtral", "phimoe"])
+def test_distillation_student_routes_without_noise(family):
+    """Mixtral jitters its router input and Phi-MoE samples its Top-K in training mode; the teacher does neither."""
+    model = attach(tiny_model(family, router_jitter_noise=0.5, input_jitter_noise=0.5))
+    model.train()
+    tokens = batch()
+    teacher = Teacher.original(model, model, "mask").logits(tokens)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        noisy = model(input_ids=tokens["input_ids"]).logits
+        with deterministic_routing(model):
+            student = model(input_ids=tokens["input_ids"]).logits
+        assert (noisy - teacher).abs().max() > 1e-3, "training-mode routing is noisy"
+    assert (student - teacher).abs().max() <= 1e-5
+    layer = get_attachment(model).layers[0]
+    assert layer.router.training and layer.block.training, "training mode is restored"
+    assert getattr(layer.block, "jitter_noise", None) or getattr(layer.block, "input_jitter_noise", None)
+
+
+def test_distilling_a_fresh_adapter_costs_nothing_when_training_routing_is_noisy(teacher_dir):
+    """The loop runs the student with deterministic routing: at keep-all it is exactly its teacher."""
+    model_dir(teacher_dir / "phimoe", "phimoe", router_jitter_noise=0.5, input_jitter_noise=0.5)
+    steps = []
+    Trainer(
+        TrainConfig(
+            model=str(teacher_dir / "phimoe"),
+            data=[str(teacher_dir / "text.jsonl")],
+            output=str(teacher_dir / "phimoe-run"),
+            objective="distill",
+            beta=0.0,
+            max_steps=1,
+            batch_size=4,
+            max_length=32,
+            val_fraction=0.0,
+            progress=False,
+            tensorboard=False,
+        ),
+        on_step=steps.append,
+    ).run()
+    assert steps[0]["avg_k"] == 2.0
+    assert steps[0]["kl"] <= 1e-7, steps[0]
+
+
 def test_kl_is_zero_for_a_fresh_adapter():
     model = attach(tiny_model("qwen3_moe")).train()
-    teacher = Objective("distill").teacher_logits(model, model, batch())
+    teacher = Teacher.original(model, model, "mask").logits(batch())
     logits = model(input_ids=batch()["input_ids"]).logits
     assert Objective("distill").sums(logits, teacher, batch()["labels"])["kl"].abs() < 1e-4
 

@@ -117,13 +117,26 @@ def mask_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for layer in get_attachment(model).layers for p in layer.head.parameters()]
 
 
-def mask_regularizer(model: nn.Module) -> Tensor:
-    """The paper's L_reg for the last training forward: mean of sigmoid(z_k) over tokens, Top-K slots and layers."""
+def mask_regularizer(model: nn.Module, token_mask: Tensor | None = None) -> Tensor:
+    """The paper's L_reg for the last training forward: mean of sigmoid(z_k) over tokens, Top-K slots and layers.
+
+    `token_mask` (the batch's attention mask, [batch, seq]) restricts the mean to the real tokens,
+    the ones Avg-K counts: padding would otherwise pull the penalty towards its own masks.
+    """
     soft = [layer.last_soft for layer in get_attachment(model).layers if layer.last_soft is not None]
     if not soft:
         raise BeamError(
             "no training forward pass has been recorded: call model.train() and run a forward pass first"
         )
+    if token_mask is not None:
+        real = token_mask.reshape(-1).bool()
+        if any(s.shape[0] != real.shape[0] for s in soft):
+            raise BeamError(
+                f"the token mask has {real.shape[0]} tokens but the last forward pass had {soft[0].shape[0]}"
+            )
+        if not real.any():
+            return soft[0].new_zeros(())
+        soft = [s[real.to(s.device)] for s in soft]
     return torch.stack([l1_regularizer(s) for s in soft]).mean()
 
 

@@ -78,7 +78,9 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         progress=not args.json,
     )
-    result["config"].update(base_model=loaded["base_model"], data=args.ppl)
+    result["config"].update(
+        base_model=loaded["base_model"], data=args.ppl, calibration_data=args.calibration_data or args.ppl
+    )
     markdown = sweep_markdown(result)
     with atomic_directory(args.out) as staging:
         (staging / "sweep.json").write_text(dump_json(result))

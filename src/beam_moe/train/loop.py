@@ -2,7 +2,7 @@
 
 One optimizer step:
     for each micro-batch of this process's share of the global batch:
-        teacher = the same model with masks off, no_grad         (distill objectives only)
+        teacher = the original model with masks off, no_grad     (distill objectives only)
         loss    = task_sum x processes / global_loss_tokens      (exact under accumulation and DDP)
                 + (beta x L_reg + alpha x L_balance) / grad_accum
         backward
@@ -16,6 +16,7 @@ through `Accelerator.prepare`, and every process sees the same global batch orde
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import os
 import time
@@ -42,7 +43,7 @@ from beam_moe.train.checkpointing import Checkpointer, trainable_state
 from beam_moe.train.config import TrainConfig
 from beam_moe.train.data import IGNORE, BatchSchedule, Blocks, load_training_data
 from beam_moe.train.metrics import MetricsLog, Progress
-from beam_moe.train.objectives import Objective
+from beam_moe.train.objectives import Objective, Teacher
 from beam_moe.train.output import check_output, start_output, write_result
 from beam_moe.train.trainable import select_trainable
 
@@ -83,6 +84,15 @@ def masked_kept(model: nn.Module, attention_mask: Tensor) -> tuple[Tensor, Tenso
     return kept, real.sum().float()
 
 
+def trained_dtypes(model: nn.Module) -> dict[str, str]:
+    """The dtypes the run trained in, read off the model: the experts' weights and the mask heads."""
+    layer = get_attachment(model).layers[0]
+    return {
+        "experts": str(next(layer.experts.parameters()).dtype).removeprefix("torch."),
+        "mask_heads": str(layer.head.weight.dtype).removeprefix("torch."),
+    }
+
+
 class Trainer:
     """One training run, set up from a TrainConfig; `run()` trains and writes the output folder."""
 
@@ -119,6 +129,9 @@ class Trainer:
         )
 
         self.model = load_base_model(config.model, "bfloat16" if config.dtype == "bf16" else "float32")
+        # --train full changes every weight: the distillation teacher is a frozen copy of the base.
+        distilling = Objective(config.objective).uses_teacher
+        teacher_copy = copy.deepcopy(self.model) if config.train == "full" and distilling else None
         attach(self.model, config.beam_config())
         self.top_k = max(layer.top_k for layer in get_attachment(self.model).layers)
         if config.target_avg_k is not None:
@@ -153,6 +166,13 @@ class Trainer:
         self.model.train()
         self.run_model, self.optimizer = self.accelerator.prepare(self.model, optimizer)
         self.settle_start = config.settle_start(self.total_steps)
+        self.teacher = Teacher.original(
+            self.run_model,
+            self.model,
+            config.train,
+            peft_model=self.trainable.peft_model,
+            copy=teacher_copy.to(self.accelerator.device) if teacher_copy is not None else None,
+        )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self._torch_optimizer,
             warmup_hold_cosine(
@@ -184,14 +204,17 @@ class Trainer:
         for i, index in enumerate(micro_batches):
             batch = self._to_device(self.data.train.batch(index))
             last = i == len(micro_batches) - 1
-            with contextlib.nullcontext() if last else self.accelerator.no_sync(self.run_model):
-                teacher = self.objective.teacher_logits(self.run_model, self.model, batch)
+            with (
+                contextlib.nullcontext() if last else self.accelerator.no_sync(self.run_model),
+                self.objective.student_routing(self.model),
+            ):
+                teacher = self.teacher.logits(batch) if self.objective.uses_teacher else None
                 extra = {"use_cache": False, **({"output_router_logits": True} if self.balance else {})}
                 out = self.run_model(
                     input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **extra
                 )
                 losses = self.objective.sums(out.logits, teacher, batch["labels"])
-                reg = mask_regularizer(self.model)
+                reg = mask_regularizer(self.model, batch["attention_mask"])
                 aux = out.aux_loss if self.balance and getattr(out, "aux_loss", None) is not None else None
                 aux = aux if aux is not None else reg.new_zeros(())
                 kept, tokens = masked_kept(self.model, batch["attention_mask"])
@@ -236,7 +259,7 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, blocks: Blocks) -> dict[str, Any]:
-        """Validation loss, KL to the unmasked model and Avg-K, in eval mode (masked experts skipped).
+        """Validation loss, KL to the teacher and Avg-K, in eval mode (masked experts skipped).
 
         The batches are dealt round-robin to the processes; a process with no batch left runs a
         dummy one that counts for nothing, so that all processes run the same number of forwards.
@@ -252,7 +275,7 @@ class Trainer:
                 b = r * self.world + self.rank
                 weight = 1.0 if b < len(batches) else 0.0
                 batch = self._to_device(blocks.batch(batches[min(b, len(batches) - 1)]))
-                teacher = Objective("distill").teacher_logits(self.run_model, self.model, batch)
+                teacher = self.teacher.logits(batch)
                 logits = self.run_model(
                     input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
                 ).logits
@@ -435,6 +458,7 @@ class Trainer:
                 "target_avg_k": config.target_avg_k,
                 "steps": steps,
                 "tokens": tokens,
+                "dtypes": trained_dtypes(self.model),
                 "final": {k: v for k, v in final.items() if not isinstance(v, dict)},
             }
             write_result(
