@@ -20,9 +20,11 @@ BACKENDS = ("auto", "grouped", "reference", "triton")
 class BeamConfig:
     """How the mask heads are built and applied.
 
-    head:        "linear", the paper's mask head z = x · W_m; or "router", which adds a learned
-                 multiple of the router's own relative weight log(g_k / max g) and an offset, so
-                 that it can start as threshold skipping at the training budget (see mask.py).
+    head:        "router" (default): z = x · W_m plus a learned multiple of the router's own
+                 relative weight log(g_k / max g) and an offset, so that training starts from
+                 threshold skipping at the budget and learns where to depart from it (mask.py);
+                 "linear": the paper's head z = x · W_m. A fresh head of either kind keeps every
+                 expert (the base model exactly).
     threshold:   keep a Top-K slot when sigmoid(z) >= threshold (the paper's 0.5).
     init:        "zeros" (keep every expert, so an untrained adapter is the base model) or "normal".
     init_std:    standard deviation for init="normal".
@@ -33,7 +35,7 @@ class BeamConfig:
     """
 
     threshold: float = 0.5
-    head: str = "linear"
+    head: str = "router"
     init: str = "zeros"
     init_std: float = 0.02
     bias: bool = False

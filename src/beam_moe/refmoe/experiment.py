@@ -51,7 +51,7 @@ class Recipe:
     unless `mix="corpus"` (the train split's own proportions).
     """
 
-    steps: int = 300
+    steps: int = 250
     batch_size: int = 8
     max_length: int = 256
     lr: float = field(default_factory=lambda: _train_default("lr"))

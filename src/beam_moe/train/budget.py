@@ -8,13 +8,14 @@ target. It works in log space on the relative error of a smoothed Avg-K,
 
     ema   <- smoothing x ema + (1 - smoothing) x Avg-K(step)       (training batches are noisy)
     e     =  clip((ema - target) / target, -1, 1)                   (the same scale at 6 and at 0.5)
-    I     <- clip(I + ki x e, log beta_min, log beta_max)           (only while |e| < 1/2)
+    I     <- clip(I + ki x clip(e, -1/2, 1/2), log beta_min, log beta_max)
     beta  =  exp(I + kp x e)                                        (always > 0)
 
-Anti-windup twice over: the integral is clamped to beta's range, and it only integrates near the
-target (conditional integration), so a large transient (a linear head starting at Top-K, which
-the first steps take far below the target) is handled by the proportional term and does not
-leave a wound-up integral that overshoots for the rest of the run.
+Anti-windup three ways: the integral is clamped to beta's range, it grows by at most ki / 2 per
+step, and it does not integrate while the smoothed Avg-K lags behind the raw one on the other
+side of the target. The last matters at the start of a linear head: it keeps every expert, the
+first steps take it below the target within a few batches, and an integral fed by the lagging
+average would keep climbing and overshoot for the rest of the run.
 
 so beta moves by the same factor for the same relative miss whether the target is 6 or 0.5 of 8,
 and the slope of Avg-K in beta (which flattens as beta grows) does not slow the loop down. The
@@ -42,7 +43,7 @@ from beam_moe.mask import ROUTER_FEATURE_FLOOR, router_feature
 
 CONTROLLER_DEFAULTS: dict[str, float] = {"kp": 1.0, "ki": 0.1, "smoothing": 0.9}
 BETA_RANGE = (1e-4, 1e3)
-INTEGRATION_BAND = 0.5
+INTEGRATION_CLIP = 0.5
 
 
 def initial_beta(target: float, top_k: int) -> float:
@@ -111,8 +112,9 @@ class BudgetController:
         if self.frozen:
             return self.beta
         error = _clip((self.ema - self.target) / self.target, -1.0, 1.0)
-        if abs(error) < INTEGRATION_BAND:
-            self.integral = _clip(self.integral + self.ki * error, *self.log_beta_range)
+        if error * (avg_k - self.target) > 0:
+            step = self.ki * _clip(error, -INTEGRATION_CLIP, INTEGRATION_CLIP)
+            self.integral = _clip(self.integral + step, *self.log_beta_range)
         self.beta = math.exp(_clip(self.integral + self.kp * error, *self.log_beta_range))
         return self.beta
 
