@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from beam_moe.errors import BeamError
+from beam_moe.errors import BeamError, require
 
 IGNORE = -100
 DATASETS_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
@@ -135,10 +135,9 @@ def _record(obj: Any, where: str) -> Record:
 
 
 def _read_saved_dataset(path: Path) -> Iterator[Record]:
-    from datasets import DatasetDict, load_from_disk
-
-    dataset = load_from_disk(str(path))
-    if isinstance(dataset, DatasetDict):
+    datasets = require("datasets", "train", f"reading the saved dataset {path}")
+    dataset = datasets.load_from_disk(str(path))
+    if isinstance(dataset, datasets.DatasetDict):
         if "train" not in dataset:
             raise BeamError(f"{path} is a DatasetDict without a 'train' split (splits: {list(dataset)})")
         dataset = dataset["train"]
