@@ -63,6 +63,10 @@ def test_resumed_run_matches_an_uninterrupted_one(tmp_path, capsys):
     assert _run(tmp_path / "straight", corpus) == 0
     assert _run(tmp_path / "split", corpus, "--max-minutes", "0") == EXIT_RESUMABLE
     assert not (tmp_path / "split" / "model").exists()
+    # The checkpoint is safetensors + JSON (no pickle), the optimizer's moments among the tensors.
+    checkpoint = tmp_path / "split" / "checkpoint"
+    assert sorted(p.name for p in checkpoint.iterdir()) == ["state.json", "state.safetensors"]
+    assert any(name.startswith("optimizer/state/") for name in load_file(checkpoint / "state.safetensors"))
     assert _run(tmp_path / "split", corpus, "--lr", "0.001") == 2  # other arguments: refused
     assert "other arguments" in capsys.readouterr().err
     assert _run(tmp_path / "split", corpus) == 0
@@ -79,6 +83,16 @@ def test_resumed_run_matches_an_uninterrupted_one(tmp_path, capsys):
     assert record["heldout_perplexity"]["all"] > 1
     assert [h["step"] for h in record["history"] if "loss" in h] == [4]
     assert {h["step"] for h in record["history"] if "heldout_ppl_estimate" in h} == {2}
+
+
+def test_an_old_pickle_checkpoint_is_refused_not_overwritten(tmp_path, capsys):
+    corpus = tmp_path / "corpus"
+    _write_corpus(corpus)
+    (tmp_path / "run" / "checkpoint").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoint" / "state.pt").write_bytes(b"PK\x03\x04 an old torch.save file")
+    assert _run(tmp_path / "run", corpus) == 2
+    assert "older beam-moe" in capsys.readouterr().err
+    assert (tmp_path / "run" / "checkpoint" / "state.pt").is_file()
 
 
 def test_missing_corpus_is_a_clear_error(tmp_path, capsys):

@@ -10,6 +10,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from beam_moe.errors import BeamError
+
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
 
@@ -60,13 +62,15 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     or as it is after, never in between.
     """
     path = Path(path).absolute()
+    if path.exists() and not path.is_dir():  # refused before anything is written
+        raise BeamError(f"{path} exists and is not a folder; choose another output folder")
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         yield staging
         if path.exists():
             if not path.is_dir():
-                raise NotADirectoryError(f"{path} exists and is not a folder")
+                raise BeamError(f"{path} exists and is not a folder; choose another output folder")
             _carry_over(path, staging)
             _fsync_tree(staging)
             if not _exchange(staging, path):

@@ -21,7 +21,7 @@ from beam_moe.atomic import atomic_directory
 from beam_moe.attach import attach, detach, get_attachment, is_attached, select_blocks
 from beam_moe.config import BeamConfig
 from beam_moe.errors import BeamError
-from beam_moe.identity import base_identity, identity_mismatch
+from beam_moe.identity import base_identity, identity_mismatch, identity_problem
 
 CONFIG_FILE = "beam_config.json"
 WEIGHTS_FILE = "beam_adapter.safetensors"
@@ -63,6 +63,10 @@ def save_beam(model: nn.Module, path: str | Path, extra: dict[str, Any] | None =
     """
     attachment = get_attachment(model)
     path = Path(path)
+    try:  # before anything is written: a refused `extra` leaves no folder behind
+        json.dumps(extra or {})
+    except (TypeError, ValueError, RecursionError) as e:
+        raise BeamError(f"extra must hold only JSON values (objects, lists, strings, numbers): {e}") from e
     with atomic_directory(path) as staging:
         save_file(adapter_state_dict(model), staging / WEIGHTS_FILE, metadata={"format": FORMAT})
         document = {
@@ -88,13 +92,16 @@ def read_adapter_config(path: str | Path) -> dict[str, Any]:
         )
     if not config_path.is_file():
         raise BeamError(f"no BEAM adapter at {path}: {CONFIG_FILE} is missing")
-    text = config_path.read_text()
     try:
-        document = json.loads(text)
+        document = json.loads(config_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise BeamError(
             f"{config_path} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); "
             "re-save the adapter or fix the file"
+        ) from e
+    except (UnicodeDecodeError, RecursionError) as e:
+        raise BeamError(
+            f"{config_path} is not a JSON text ({type(e).__name__}: {e}); re-save the adapter or fix the file"
         ) from e
     if not isinstance(document, dict) or document.get("format") != FORMAT:
         raise BeamError(f'{config_path} is not a beam-moe adapter config (no "format": "{FORMAT}")')
@@ -106,6 +113,9 @@ def read_adapter_config(path: str | Path) -> dict[str, Any]:
     for key in ("config", "base", "weights"):
         if not isinstance(document.get(key), dict):
             raise BeamError(f"{config_path} has no {key!r} section; the file is incomplete")
+    problem = identity_problem(document["base"])
+    if problem:
+        raise BeamError(f"{config_path}: the base section is damaged ({problem}); re-save the adapter")
     if document["format_version"] == 1:
         document["config"].setdefault("head", "linear")
     try:
@@ -175,8 +185,15 @@ def load_beam(model: nn.Module, path: str | Path) -> nn.Module:
             f"unexpected: {unexpected[:3]}{'...' if len(unexpected) > 3 else ''})"
         )
     for name, shape in expected.items():
-        if tuple(tensors[name].shape) != shape:
-            raise BeamError(f"{name} has shape {tuple(tensors[name].shape)}, expected {shape}")
+        tensor = tensors[name]
+        if tuple(tensor.shape) != shape:
+            raise BeamError(f"{name} has shape {tuple(tensor.shape)}, expected {shape}")
+        if not tensor.dtype.is_floating_point or not bool(torch.isfinite(tensor.float()).all()):
+            raise BeamError(
+                f"{name} in {path / WEIGHTS_FILE} is not a usable mask head ({tensor.dtype}"
+                f"{', with NaN or infinite values' if tensor.dtype.is_floating_point else ''}); "
+                "the file is damaged: re-save or retrain the adapter"
+            )
 
     if current is not None:
         detach(model)

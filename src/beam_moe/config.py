@@ -16,6 +16,16 @@ INITS = ("zeros", "normal")
 BACKENDS = ("auto", "grouped", "reference", "triton")
 
 
+def _as_float(value: Any) -> float | None:
+    """A JSON number as a float (inf past float's range); None for anything else, booleans included."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
+
+
 @dataclass
 class BeamConfig:
     """How the mask heads are built and applied.
@@ -47,25 +57,26 @@ class BeamConfig:
         self.validate()
 
     def validate(self) -> None:
-        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)):
-            raise BeamError(f"threshold must be a number in (0, 1), got {self.threshold!r}")
-        if not (0.0 < float(self.threshold) < 1.0) or math.isnan(self.threshold):
+        threshold = _as_float(self.threshold)
+        if threshold is None:
+            raise BeamError(f"threshold must be a number in (0, 1), got {self.threshold!r:.60}")
+        if not 0.0 < threshold < 1.0:  # also refuses NaN
             raise BeamError(
-                f"threshold must lie strictly between 0 and 1 (sigmoid(z) >= threshold), got {self.threshold}; "
+                f"threshold must lie strictly between 0 and 1 (sigmoid(z) >= threshold), got {threshold}; "
                 "the paper uses 0.5"
             )
-        self.threshold = float(self.threshold)
-        if self.head not in HEADS:
+        self.threshold = threshold
+        if not isinstance(self.head, str) or self.head not in HEADS:
             raise BeamError(
-                f"head must be one of {', '.join(HEADS)} ('linear': the paper's head; 'router': "
-                f"router-aware), got {self.head!r}"
+                f"head must be one of {', '.join(HEADS)} ('router': router-aware; 'linear': the paper's "
+                f"head), got {self.head!r:.60}"
             )
         if self.init not in INITS:
             raise BeamError(f"init must be one of {', '.join(INITS)}, got {self.init!r}")
-        if not (
-            isinstance(self.init_std, (int, float)) and self.init_std >= 0 and math.isfinite(self.init_std)
-        ):
-            raise BeamError(f"init_std must be a finite number >= 0, got {self.init_std!r}")
+        init_std = _as_float(self.init_std)
+        if init_std is None or not 0.0 <= init_std < math.inf:
+            raise BeamError(f"init_std must be a finite number >= 0, got {self.init_std!r:.60}")
+        self.init_std = init_std
         for name in ("bias", "renormalize"):
             if not isinstance(getattr(self, name), bool):
                 raise BeamError(f"{name} must be true or false, got {getattr(self, name)!r}")

@@ -64,6 +64,44 @@ def base_identity(model: torch.nn.Module, family: MoEFamily) -> dict[str, Any]:
     }
 
 
+def _is_number(x: Any) -> bool:
+    """A finite JSON number (an integer too large for a float is not one)."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return False
+    try:
+        return math.isfinite(x)
+    except OverflowError:
+        return False
+
+
+def identity_problem(identity: Any) -> str | None:
+    """What is malformed in a stored identity (as `base_identity` writes it), or None.
+
+    Checked before `identity_mismatch` compares it, so a damaged file is reported as damaged.
+    """
+    if not isinstance(identity, dict):
+        return f"expected an object, got {type(identity).__name__}"
+    for key in ("model_type", "name_or_path"):
+        if not isinstance(identity.get(key), str):
+            return f"{key} must be a string, got {identity.get(key)!r:.60}"
+    for key in ("hidden_size", "num_experts", "top_k"):
+        value = identity.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            return f"{key} must be a whole number >= 1, got {value!r:.60}"
+    for key in ("architectures", "moe_blocks"):
+        value = identity.get(key)
+        if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
+            return f"{key} must be a list of strings, got {value!r:.60}"
+    prints = identity.get("router_fingerprint")
+    if not (
+        isinstance(prints, list)
+        and len(prints) == len(identity["moe_blocks"])
+        and all(isinstance(p, list) and len(p) == _PROBES + 1 and all(map(_is_number, p)) for p in prints)
+    ):
+        return f"router_fingerprint must hold {_PROBES + 1} finite numbers per MoE block, got {prints!r:.60}"
+    return None
+
+
 def identity_mismatch(expected: dict[str, Any], actual: dict[str, Any]) -> str | None:
     """A sentence saying how `actual` differs from `expected`, or None when they match."""
     for key in ("model_type", "hidden_size", "num_experts", "top_k"):

@@ -175,6 +175,11 @@ def read_merged_config(config: dict[str, Any] | Any, source: str = "config.json"
     layers = export.get("mask_layers")
     if not isinstance(layers, list) or not all(isinstance(i, int) for i in layers):
         raise BeamError(f"{source}: beam_export.mask_layers must be a list of layer indices")
+    if not isinstance(export.get("config"), dict):
+        raise BeamError(f"{source}: beam_export.config must be the exported BEAM config (an object)")
+    architectures = export.get("base_architectures")
+    if not isinstance(architectures, list) or not all(isinstance(a, str) for a in architectures):
+        raise BeamError(f"{source}: beam_export.base_architectures must be a list of class names")
     return export
 
 
@@ -192,6 +197,10 @@ def effective_beam_config(
     beam = data.get("beam") or {}
     if not isinstance(beam, dict):
         raise BeamError(f"{source}: the beam section must be an object, got {type(beam).__name__}")
+    if overrides is not None and not isinstance(overrides, dict):
+        raise BeamError(
+            f'BEAM overrides must be an object such as {{"threshold": 0.6}}, got {type(overrides).__name__}'
+        )
     changes = {**beam, **(overrides or {})}
     exported = BeamConfig.from_dict(export["config"]).to_dict()
     unknown = sorted(set(changes) - set(exported))

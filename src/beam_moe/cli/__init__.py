@@ -1,4 +1,8 @@
-"""`beam-moe`: one entry point; each command lives in its own module with `register(subparsers)`."""
+"""`beam-moe`: one entry point; each command lives in its own module with `register(subparsers)`.
+
+Errors: a BeamError (bad input) prints its message and exits 2; any other exception prints one
+line naming it and exits 1. `--debug` (before or after the command) prints the traceback too.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +10,29 @@ import argparse
 import importlib
 import pkgutil
 import sys
+import traceback
 
 from beam_moe.errors import BeamError
+
+EXIT_USER_ERROR = 2
+EXIT_INTERNAL_ERROR = 1
+EXIT_INTERRUPTED = 130
 
 
 def command_modules() -> list[str]:
     """Every module of this package that defines `register(subparsers)` is a command."""
     return [f"{__name__}.{m.name}" for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")]
+
+
+def _add_debug(parser: argparse.ArgumentParser, default: object) -> None:
+    """`--debug` on `parser` and every (nested) command under it, so it works in any position."""
+    parser.add_argument(
+        "--debug", action="store_true", default=default, help="show the full traceback of an error"
+    )
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _add_debug(sub, argparse.SUPPRESS)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,16 +46,36 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in command_modules():
         importlib.import_module(module).register(subparsers)
+    _add_debug(parser, False)
     return parser
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] + (" ..." if len(lines) > 1 else "") if lines else "(no message)"
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    where = f"beam-moe {args.command}"
     try:
         return int(args.func(args) or 0)
     except BeamError as e:
-        print(f"beam-moe {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        if args.debug:
+            traceback.print_exc()
+        print(f"{where}: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
     except KeyboardInterrupt:
-        print(f"beam-moe {args.command}: interrupted", file=sys.stderr)
-        return 130
+        print(f"{where}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as e:
+        if args.debug:
+            traceback.print_exc()
+            print(f"{where}: error: unexpected {type(e).__name__} (traceback above)", file=sys.stderr)
+        else:
+            print(
+                f"{where}: error: unexpected {type(e).__name__}: {_first_line(e)} "
+                "(rerun with --debug for the traceback)",
+                file=sys.stderr,
+            )
+        return EXIT_INTERNAL_ERROR

@@ -42,12 +42,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from beam_moe.atomic import atomic_directory
-    from beam_moe.errors import BeamError
+    from beam_moe.errors import BeamError, require
     from beam_moe.eval.analysis import analyze_routing
     from beam_moe.eval.load import load_eval_model
     from beam_moe.eval.plots import ANALYSIS_PLOTS, write_analysis_plots
     from beam_moe.eval.text import read_texts
 
+    require("matplotlib", "eval", "beam-moe analyze")  # before the analysis runs, not after
     check_baseline_arguments(args)
     if args.heatmap_tokens < 1:
         raise BeamError(f"--heatmap-tokens must be at least 1, got {args.heatmap_tokens}")

@@ -43,9 +43,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from beam_moe.errors import require
     from beam_moe.eval import DEFAULT_PPL_FILE, measured_flops, perplexity, read_texts, run_tasks
     from beam_moe.eval.load import load_eval_model
 
+    if args.tasks:
+        require("lm_eval", "eval", "--tasks")  # before the model loads, not after
     check_baseline_arguments(args)
     ppl_file = args.ppl or (None if args.tasks else str(DEFAULT_PPL_FILE))
     if ppl_file is not None:

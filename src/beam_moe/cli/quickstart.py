@@ -57,10 +57,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from beam_moe.errors import BeamError
+    from beam_moe.errors import BeamError, require
     from beam_moe.refmoe.experiment import Recipe
     from beam_moe.refmoe.quickstart import QuickstartConfig, print_summary, run_quickstart
 
+    require("matplotlib", "eval", "the quickstart report's plots")  # before training, not after
     try:
         bench_tokens = tuple(int(t) for t in args.bench_tokens.split(",") if t.strip())
     except ValueError as e:

@@ -43,13 +43,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from beam_moe.atomic import atomic_directory
-    from beam_moe.errors import BeamError
+    from beam_moe.errors import BeamError, require
     from beam_moe.eval.baselines import get_baseline
     from beam_moe.eval.load import load_eval_model
     from beam_moe.eval.plots import plot_sweep
     from beam_moe.eval.sweep import sweep, sweep_markdown
     from beam_moe.eval.text import read_texts
 
+    require("matplotlib", "eval", "sweep.png")  # before the sweep runs, not after
     baselines = [name.strip() for name in args.baselines.split(",") if name.strip()]
     for name in baselines:
         get_baseline(name)

@@ -17,7 +17,7 @@ from typing import Any
 from torch import nn
 
 from beam_moe.attach import is_attached
-from beam_moe.errors import BeamError
+from beam_moe.errors import BeamError, require
 from beam_moe.stats import beam_stats
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
@@ -40,12 +40,11 @@ def run_tasks(
     Returns {"results": lm-eval's per-task metrics, "avg_k", "per_layer", "tokens", "n_samples",
     "config"}; Avg-K is counted over every forward pass lm-eval made (batch_size 1 routes no padding).
     """
-    try:
-        from lm_eval import simple_evaluate
-        from lm_eval.models.huggingface import HFLM
-        from lm_eval.tasks import TaskManager
-    except ImportError as e:
-        raise BeamError(f"lm-eval is not installed ({e}); pip install 'beam-moe[eval]'") from e
+    require("lm_eval", "eval", "lm-eval tasks")
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
     if not tasks:
         raise BeamError(f"no tasks given; shipped tasks: {', '.join(SHIPPED_TASKS)}")
     paths = [str(TASKS_DIR), *(str(p) for p in include_path)]

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from beam_moe.errors import BeamError
+from beam_moe.errors import require
 
 _MARKERS = {"top_k": "s", "top_p": "^", "threshold": "v", "random": "x"}
 _COLORS = {
@@ -26,11 +26,10 @@ _NAMES = {
 
 
 def _figure(width: float, height: float):
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError as e:
-        raise BeamError(f"plots need matplotlib ({e}); pip install 'beam-moe[eval]'") from e
+    require("matplotlib", "eval", "plotting")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     figure = Figure(figsize=(width, height), dpi=110, layout="constrained")
     FigureCanvasAgg(figure)
     return figure

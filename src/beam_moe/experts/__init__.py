@@ -11,7 +11,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from beam_moe.errors import BeamError
+from beam_moe.errors import BeamError, require
 from beam_moe.experts.grouped import grouped_experts, grouped_mm_available
 from beam_moe.experts.reference import reference_experts
 from beam_moe.experts.triton import triton_available, triton_experts
@@ -29,6 +29,8 @@ _AVAILABLE: dict[str, Callable[[], bool]] = {
     "grouped": grouped_mm_available,
     "triton": triton_available,
 }
+# Backends that need an optional package: (module, extra that installs it).
+_EXTRAS: dict[str, tuple[str, str]] = {"triton": ("triton", "kernels")}
 _AUTO_ORDER: dict[str, list[str]] = {
     "cpu": ["grouped", "reference"],
     "cuda": ["triton", "grouped", "reference"],
@@ -53,6 +55,8 @@ def get_backend(name: str, device: torch.device | None = None) -> ExpertBackend:
     if name not in _BACKENDS:
         raise BeamError(f"unknown expert backend {name!r}; available: {', '.join(available_backends())}")
     if not _AVAILABLE[name]():
+        if name in _EXTRAS:
+            require(*_EXTRAS[name], f"expert backend {name!r}")  # says which extra installs it
         raise BeamError(
             f"expert backend {name!r} cannot run here; available: {', '.join(available_backends())}"
         )

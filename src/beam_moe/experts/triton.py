@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from beam_moe.errors import require
 from beam_moe.experts.grouped import grouped_experts
 from beam_moe.experts.weights import ExpertWeights
 
@@ -97,8 +98,7 @@ def align_kept_pairs(ids: Tensor, num_experts: int, block_m: int) -> AlignedPair
 @functools.cache
 def _kernels(interpret: bool):
     """JIT the kernels for the current mode (triton reads TRITON_INTERPRET when a kernel is built)."""
-    import triton
-
+    triton = require("triton", "kernels", "the triton expert backend")
     from beam_moe.experts import triton_kernels
 
     return triton.jit(triton_kernels.gate_up_kernel), triton.jit(triton_kernels.down_kernel)

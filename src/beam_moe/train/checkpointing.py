@@ -2,10 +2,11 @@
 
 `<output>/checkpoints/step-00000100/` holds:
 - `trainable.safetensors`: the trainable parameters only (frozen weights come from the base model);
-- `optimizer.pt`: the optimizer state (AdamW moments), keyed by parameter name;
+- `optimizer.safetensors` + `optimizer.json`: the optimizer state (AdamW moments keyed by
+  parameter name, param groups), stored without pickle by beam_moe.statefile;
 - `state.json`: step, scheduler, beta controller, tokens seen; the data position is the step
   itself (see data.BatchSchedule);
-- `rng.pt`: every process's torch RNG state.
+- `rng.json`: every process's torch RNG state, as lists of byte values.
 
 The folder appears in one atomic rename (beam_moe.atomic), so any `step-*` folder is complete.
 State dicts are gathered to full tensors with torch.distributed.checkpoint's helpers, which work
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
@@ -34,6 +36,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from beam_moe.atomic import atomic_directory
 from beam_moe.errors import BeamError
+from beam_moe.statefile import load_state, save_state
 
 CHECKPOINTS = "checkpoints"
 _STEP = re.compile(r"^step-(\d+)$")
@@ -79,8 +82,8 @@ class Checkpointer:
         if self.is_main:
             with atomic_directory(path) as staging:
                 save_file(params, staging / "trainable.safetensors")
-                torch.save(optim, staging / "optimizer.pt")
-                torch.save(rng_states, staging / "rng.pt")
+                save_state(staging, "optimizer", optim)
+                (staging / "rng.json").write_text(json.dumps([s.tolist() for s in rng_states]) + "\n")
                 (staging / "state.json").write_text(json.dumps({"step": step, **state}, indent=2) + "\n")
             for old in checkpoint_dirs(self.output)[: -self.keep]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -96,10 +99,12 @@ class Checkpointer:
         """Restore parameters and optimizer from `path`; returns (state.json contents, RNG states)."""
         try:
             params = load_file(path / "trainable.safetensors")
-            optim = torch.load(path / "optimizer.pt", weights_only=True)
-            rng_states = torch.load(path / "rng.pt", weights_only=True)
+            optim = load_state(path, "optimizer")
+            rng_states = [
+                torch.tensor(s, dtype=torch.uint8) for s in json.loads((path / "rng.json").read_text())
+            ]
             state = json.loads((path / "state.json").read_text())
-        except (OSError, ValueError, RuntimeError) as e:
+        except (OSError, ValueError, TypeError, RuntimeError, SafetensorError, BeamError) as e:
             raise BeamError(
                 f"cannot read the checkpoint {path} ({e}); delete it to resume from an older one"
             ) from e

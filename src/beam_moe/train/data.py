@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from beam_moe.errors import BeamError
+from beam_moe.errors import BeamError, require
 
 IGNORE = -100
 DATASETS_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
@@ -93,12 +93,23 @@ def read_records(paths: list[str]) -> list[Record]:
     return records
 
 
+def _decode(raw: bytes, where: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BeamError(
+            f"{where}: not UTF-8 text (byte {raw[e.start : e.start + 1]!r} at offset {e.start}); "
+            "convert the file to UTF-8"
+        ) from e
+
+
 def _read_file(path: Path) -> Iterator[Record]:
     if path.suffix == ".txt":
-        yield Record(where=str(path), text=path.read_text(encoding="utf-8"))
+        yield _record({"text": _decode(path.read_bytes(), str(path))}, str(path))
     elif path.suffix in (".jsonl", ".json"):
-        with open(path, encoding="utf-8") as f:
-            for number, line in enumerate(f, start=1):
+        with open(path, "rb") as f:
+            for number, raw in enumerate(f, start=1):
+                line = _decode(raw, f"{path}:{number}")
                 if line.strip():
                     yield _parse_line(line, f"{path}:{number}")
     else:
@@ -112,14 +123,29 @@ def _parse_line(line: str, where: str) -> Record:
         raise BeamError(
             f"{where}: not valid JSON ({e.msg} at column {e.colno}); fix or remove the line"
         ) from e
+    except RecursionError as e:
+        raise BeamError(f"{where}: JSON nested too deeply to be a record; fix or remove the line") from e
     return _record(obj, where)
+
+
+def _valid_unicode(text: str) -> bool:
+    """False for strings JSON can carry but tokenizers cannot: lone surrogates (`"\\ud800"`)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _record(obj: Any, where: str) -> Record:
     if isinstance(obj, dict) and isinstance(obj.get("text"), str):
+        if not _valid_unicode(obj["text"]):
+            raise BeamError(f"{where}: the text holds a lone surrogate (invalid Unicode); fix the line")
         return Record(where=where, text=obj["text"])
     if isinstance(obj, dict) and isinstance(obj.get("messages"), list):
         messages = obj["messages"]
+        if not messages:
+            raise BeamError(f'{where}: "messages" is empty; give at least one message or remove the line')
         for message in messages:
             if not (
                 isinstance(message, dict)
@@ -129,16 +155,17 @@ def _record(obj: Any, where: str) -> Record:
                 raise BeamError(
                     f'{where}: every message needs a "role" and a "content" string, got {message!r:.80}'
                 )
+            if not (_valid_unicode(message["role"]) and _valid_unicode(message["content"])):
+                raise BeamError(f"{where}: a message holds a lone surrogate (invalid Unicode); fix the line")
         return Record(where=where, messages=messages)
     keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
     raise BeamError(f'{where}: expected an object with a "text" string or a "messages" list, got {keys}')
 
 
 def _read_saved_dataset(path: Path) -> Iterator[Record]:
-    from datasets import DatasetDict, load_from_disk
-
-    dataset = load_from_disk(str(path))
-    if isinstance(dataset, DatasetDict):
+    datasets = require("datasets", "train", f"reading the saved dataset {path}")
+    dataset = datasets.load_from_disk(str(path))
+    if isinstance(dataset, datasets.DatasetDict):
         if "train" not in dataset:
             raise BeamError(f"{path} is a DatasetDict without a 'train' split (splits: {list(dataset)})")
         dataset = dataset["train"]
@@ -175,12 +202,17 @@ class Tokenizer:
             raise BeamError(
                 f"{where}: chat messages need a tokenizer with a chat template; this one has none"
             )
-        if _GENERATION_TAG.search(template if isinstance(template, str) else json.dumps(template)):
-            out = self.tokenizer.apply_chat_template(
-                messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
-            )
-            return list(out["input_ids"]), [bool(m) for m in out["assistant_masks"]]
-        return self._chat_by_prefixes(messages, where)
+        from jinja2 import TemplateError
+
+        try:
+            if _GENERATION_TAG.search(template if isinstance(template, str) else json.dumps(template)):
+                out = self.tokenizer.apply_chat_template(
+                    messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+                )
+                return list(out["input_ids"]), [bool(m) for m in out["assistant_masks"]]
+            return self._chat_by_prefixes(messages, where)
+        except TemplateError as e:  # e.g. raise_exception('...') for a role the template does not know
+            raise BeamError(f"{where}: the tokenizer's chat template refuses these messages ({e})") from e
 
     def _chat_by_prefixes(self, messages: list[dict[str, Any]], where: str) -> tuple[list[int], list[bool]]:
         """Assistant spans for templates without {% generation %} markers: render growing prefixes."""

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from beam_moe.attach import attach, get_attachment, mask_regularizer
-from beam_moe.errors import BeamError
+from beam_moe.errors import BeamError, require
 from beam_moe.loading import load_base_model, load_tokenizer
 from beam_moe.train.budget import (
     BudgetController,
@@ -97,7 +97,11 @@ class Trainer:
     """One training run, set up from a TrainConfig; `run()` trains and writes the output folder."""
 
     def __init__(self, config: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None = None) -> None:
-        from accelerate import Accelerator
+        accelerate = require("accelerate", "train", "training")
+        if config.train == "lora":
+            require("peft", "train", "--train lora")  # before the model loads, not after
+        if config.tensorboard:
+            require("tensorboard", "train", "tensorboard=True")
 
         self.config = config
         self.on_step = on_step
@@ -105,7 +109,7 @@ class Trainer:
         # Several processes on a machine without CUDA (`accelerate launch --multi_gpu` or torchrun
         # on CPUs): accelerate runs multi-CPU DDP over gloo only when asked for the CPU.
         multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-        self.accelerator = Accelerator(cpu=multi_cpu)
+        self.accelerator = accelerate.Accelerator(cpu=multi_cpu)
         self.rank = self.accelerator.process_index
         self.world = self.accelerator.num_processes
         self.is_main = self.accelerator.is_main_process

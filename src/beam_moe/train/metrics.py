@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from beam_moe.atomic import atomic_write_text
+from beam_moe.errors import require
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -31,6 +32,7 @@ class MetricsLog:
         self.enabled = enabled
         self._writer = None
         if enabled and (tensorboard or (tensorboard is None and tensorboard_available())):
+            require("tensorboard", "train", "tensorboard=True")
             from torch.utils.tensorboard import SummaryWriter
 
             self._writer = SummaryWriter(log_dir=str(output / "tensorboard"))

@@ -28,7 +28,7 @@ from torch import nn
 from beam_moe.atomic import atomic_directory, atomic_write_text
 from beam_moe.attach import get_attachment
 from beam_moe.checkpoint import CONFIG_FILE, save_beam
-from beam_moe.errors import BeamError
+from beam_moe.errors import BeamError, require
 from beam_moe.identity import router_fingerprint
 from beam_moe.mask import MaskHead
 from beam_moe.train.checkpointing import checkpoint_dirs
@@ -202,7 +202,6 @@ def rebuild_trained_base(
                 own[name].copy_(value)
         return model
     if weights["kind"] == "lora":
-        from peft import PeftModel
-
-        return PeftModel.from_pretrained(model, str(location)).merge_and_unload()
+        peft = require("peft", "train", "a LoRA-trained adapter")
+        return peft.PeftModel.from_pretrained(model, str(location)).merge_and_unload()
     raise BeamError(f"the adapter at {adapter} names unknown trained weights {weights!r}")

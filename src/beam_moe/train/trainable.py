@@ -16,7 +16,7 @@ from typing import Any
 from torch import nn
 
 from beam_moe.attach import get_attachment, mask_parameters
-from beam_moe.errors import BeamError
+from beam_moe.errors import BeamError, require
 
 
 @dataclass
@@ -100,14 +100,11 @@ def lora_targets(model: nn.Module) -> tuple[list[str], list[str]]:
 
 def add_lora(model: nn.Module, rank: int, alpha: float) -> Any:
     """Wrap `model` with PEFT LoRA in place (its modules are adapted; the returned PeftModel saves them)."""
-    try:
-        from peft import LoraConfig, get_peft_model
-    except ImportError as e:
-        raise BeamError("--train lora needs PEFT: pip install 'beam-moe[train]'") from e
+    peft = require("peft", "train", "--train lora")
     modules, parameters = lora_targets(model)
     if not modules and not parameters:
         raise BeamError("found no attention or expert projections to put LoRA on in this model")
-    config = LoraConfig(
+    config = peft.LoraConfig(
         r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=modules, target_parameters=parameters
     )
-    return get_peft_model(model, config)
+    return peft.get_peft_model(model, config)

