@@ -7,13 +7,21 @@ from beam_moe.adapters import family_for
 
 
 def randomize_heads(model: nn.Module, seed: int, std: float = 0.2) -> None:
-    """Give every mask head random weights, so that roughly half of the Top-K slots are masked."""
+    """Give every mask head random weights, so that roughly half of the Top-K slots are masked.
+
+    A router-aware head gets a zero router term (scale and offset 0), so that z = x · W_m as for
+    the paper's head and the expectations below hold for both; tests/test_router_head.py covers
+    the router term.
+    """
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for module in model.modules():
             head = getattr(module, "beam_mask", None)
             if head is not None:
                 head.weight.copy_(torch.randn(head.weight.shape, generator=generator) * std)
+                if head.router_aware:
+                    head.router_scale.zero_()
+                    head.router_offset.zero_()
 
 
 def masked_reference(base: nn.Module, heads: dict[str, torch.Tensor], threshold: float = 0.5) -> list:

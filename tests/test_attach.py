@@ -25,8 +25,9 @@ def heads_of(model):
     return {layer.name: layer.head.weight.detach().clone() for layer in get_attachment(model).layers}
 
 
-def test_every_block_gets_a_linear_mask_head(family):
-    model = attach(tiny_model(family))
+@pytest.mark.parametrize("head_kind, extra", [("router", ("router_scale", "router_offset")), ("linear", ())])
+def test_every_block_gets_a_mask_head(family, head_kind, extra):
+    model = attach(tiny_model(family), BeamConfig(head=head_kind))
     layers = get_attachment(model).layers
     assert len(layers) == 2
     for layer in layers:
@@ -35,8 +36,9 @@ def test_every_block_gets_a_linear_mask_head(family):
         assert head.bias is None
         assert head.weight.shape == (layer.num_experts, layer.hidden_size)
         assert torch.count_nonzero(head.weight) == 0
+        assert head.router_aware == (head_kind == "router")
     names = [n for n, _ in model.named_parameters() if "beam_mask" in n]
-    assert names == [f"{layer.name}.beam_mask.weight" for layer in layers]
+    assert names == [f"{layer.name}.beam_mask.{key}" for layer in layers for key in ("weight", *extra)]
 
 
 @pytest.mark.parametrize("mode", ["eval", "train"])
@@ -87,7 +89,7 @@ def test_eval_computes_only_kept_pairs_and_training_computes_all(family):
 
 
 def test_everything_masked_runs_no_expert_at_all(family):
-    model = attach(tiny_model(family), BeamConfig(bias=True))
+    model = attach(tiny_model(family), BeamConfig(head="linear", bias=True))
     with torch.no_grad():
         for layer in get_attachment(model).layers:
             layer.head.bias.fill_(-1.0)  # z = -1 everywhere: sigmoid(z) < 0.5, every slot masked

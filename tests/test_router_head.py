@@ -164,7 +164,7 @@ def test_save_and_load_round_trip(tmp_path):
 
 def test_version_1_adapters_still_load_as_the_linear_head(tmp_path):
     """An adapter written before the router-aware head (format version 1, no "head" key)."""
-    model = attach(tiny_model("qwen3_moe"), BeamConfig())
+    model = attach(tiny_model("qwen3_moe"), BeamConfig(head="linear"))
     randomize_heads(model, seed=2)
     path = save_beam(model, tmp_path / "v1")
     document = json.loads((path / "beam_config.json").read_text())
@@ -200,6 +200,8 @@ def test_merged_checkpoint_computes_the_same_head(tmp_path):
     model = attach(load_base_model(base), BeamConfig(head="router"))
     randomize_heads(model, seed=3, std=0.3)
     for layer in get_attachment(model).layers:
+        with torch.no_grad():
+            layer.head.router_scale.fill_(1.5)
         layer.head.set_router_threshold(0.3)
     save_beam(model, tmp_path / "adapter")
     merged = export_merged(tmp_path / "adapter", tmp_path / "merged")

@@ -214,7 +214,12 @@ def calibrate_router_heads(model: nn.Module, batches: Sequence[dict[str, Tensor]
             head.set_router_threshold(math.exp(log_threshold))
         return measure_avg_k(model, batches)
 
+    top_k = max(layer.top_k for layer in get_attachment(model).layers)
     guess = _feature_quantile(model, batches, target)
+    if target >= top_k:  # keep every slot seen, with the weakest at the boundary (live gradients)
+        for head in heads:
+            head.set_router_threshold(math.exp(guess))
+        return math.exp(guess)
     low, high = max(guess - 1.0, -ROUTER_FEATURE_FLOOR), min(guess + 1.0, 0.0)
     if not avg_k_at(low) >= target >= avg_k_at(high):
         low, high = -ROUTER_FEATURE_FLOOR, 0.0

@@ -39,8 +39,8 @@ class TrainConfig:
     For the last `settle` fraction of the steps beta is frozen and the learning rates decay, so the
     heads settle; then, with `calibrate`, the serve-time threshold is set so that Avg-K on
     `calibration_tokens` tokens of validation text (else training text) equals the target.
-    A router-aware head (beam={"head": "router"}) starts as threshold skipping calibrated to
-    `start_avg_k` (default: the target; with a fixed beta, half the Top-K).
+    A router-aware head (the default) starts as threshold skipping calibrated to `start_avg_k`
+    (default: the target; with a fixed beta, every expert kept, the weakest slot at the boundary).
     `lr` is the mask heads' learning rate (a router-aware head's two scalars per layer train at
     `router_term_lr_ratio` x `lr`: Adam moves every parameter by about lr per step, and a shared
     offset moves the whole layer's budget); `model_lr` that of the model's own weights that train

@@ -323,15 +323,15 @@ class Trainer:
         size = self.config.batch_size
         return [self._to_device(blocks.batch(picked[i : i + size])) for i in range(0, len(picked), size)]
 
-    def _start_router_heads(self, metrics: MetricsLog) -> None:
-        """A router-aware head starts as threshold skipping at the start budget (module budget.py)."""
-        attachment = get_attachment(self.model)
-        if attachment.config.head != "router":
-            return
-        start = self.config.start_avg_k or self.config.target_avg_k or self.top_k / 2
+    def _start_router_heads(self) -> dict[str, float]:
+        """A router-aware head starts as threshold skipping at the start budget (train/budget.py):
+        the target's, or with a fixed beta every expert (the boundary at the weakest slot seen)."""
+        if get_attachment(self.model).config.head != "router":
+            return {}
+        start = self.config.start_avg_k or self.config.target_avg_k or float(self.top_k)
         check_target(start, self.top_k)
         threshold = calibrate_router_heads(self.model, self._calibration_batches(), start)
-        metrics.log({"step": 0, "split": "start", "start_avg_k": start, "router_threshold": threshold})
+        return {"start_avg_k": start, "start_router_threshold": threshold}
 
     def _land_on_target(self) -> dict[str, Any]:
         """With a target: the serve-time threshold that puts Avg-K on it (when `calibrate` is on)."""
@@ -387,8 +387,7 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         metrics = MetricsLog(self.output, self.is_main, config.tensorboard)
         step, tokens = self._resume(metrics) if config.resume else (0, 0)
-        if step == 0:
-            self._start_router_heads(metrics)
+        start = self._start_router_heads() if step == 0 else {}
         progress = Progress(self.total_steps, step, config.progress and self.is_main)
         started = time.perf_counter()
         record: dict[str, Any] = {}
@@ -432,6 +431,7 @@ class Trainer:
                 if config.save_every and step % config.save_every == 0 and step < self.total_steps:
                     self._save_checkpoint(step, tokens)
             final = {k: record.get(k) for k in ("loss", "lm_loss", "kl", "avg_k", "beta")}
+            final.update(start)
             final.update(self._land_on_target())
             if self.data.val is not None:
                 val = self.evaluate(self.data.val)
