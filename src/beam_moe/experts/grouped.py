@@ -129,7 +129,8 @@ def _sort_on_host(ids: Tensor, num_experts: int) -> KeptPairs:
 def grouped_experts(
     w: ExpertWeights, hidden: Tensor, ids: Tensor, weights: Tensor, strategy: str | None = None
 ) -> ExpertsOutput:
-    """Same contract as `reference_experts`: ids >= E are skipped; returns (output, rows computed).
+    """Same contract as `reference_experts`: ids >= E are skipped; returns (output, rows computed,
+    "grouped").
 
     `strategy` forces "loop" or "grouped_mm" (tests, benchmarks); by default the device decides:
     the loop on the CPU, grouped_mm on accelerators and whenever a backward pass is needed.

@@ -16,8 +16,8 @@ spent on them.
 
 Weights that do not declare a plain SwiGLU gate (`ExpertWeights.gated_silu`: gpt-oss and other
 gates), experts with biases, and calls that need a backward pass run the `grouped` backend instead;
-the result then names `grouped` as the backend that ran. `TRITON_INTERPRET=1` runs the kernels on the CPU
-(slowly) for tests; the kernels are built on first use so that the variable is read then.
+the result then names `grouped` as the backend that ran. `TRITON_INTERPRET=1` runs the kernels on
+the CPU (slowly) for tests; the kernels are built on first use so that the variable is read then.
 """
 
 from __future__ import annotations

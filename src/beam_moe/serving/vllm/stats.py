@@ -2,8 +2,8 @@
 
 Each worker process counts the (token, expert) pairs its BEAM layers keep, the rows their experts
 computed and which expert backend computed them (per layer), with beam-moe's own `BeamStats`, over
-real forward passes only (vLLM's warm-up and profiling passes carry no attention
-metadata and are skipped). Reading them:
+real forward passes only (vLLM's warm-up and profiling passes carry no attention metadata and are
+skipped). Reading them:
 
 - the log: every `BEAM_MOE_LOG_INTERVAL` seconds (default 10; 0 turns it off) a worker that served
   tokens logs "BEAM: Avg-K 1.23 of 8 ..." through vLLM's logger;
