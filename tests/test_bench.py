@@ -147,3 +147,34 @@ def test_make_model_cli_refuses_an_impossible_avg_k(tmp_path, capsys):
     assert main(["bench", "make-model", str(tmp_path / "m"), "--avg-k", "9"]) == 2
     assert "--avg-k must lie in (0, 8]" in capsys.readouterr().err
     assert not (tmp_path / "m").exists()
+
+
+def test_machine_block_records_the_cpu_features_that_set_the_gemm_floor():
+    """The flags come from /proc/cpuinfo (read here independently) and torch's own probes agree."""
+    import platform
+    from pathlib import Path
+
+    from beam_moe.bench.machine import GEMM_FLAGS, describe_machine
+
+    info = describe_machine(torch.device("cpu"))
+    assert {"cpu_flags", "torch_cpu"} <= set(info)
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    listed = [
+        line.split(":", 1)[1].split() for line in lines if line.split(":")[0].strip() in ("flags", "Features")
+    ]
+    names = GEMM_FLAGS.get(platform.machine())
+    if not listed or names is None:
+        assert info["cpu_flags"] is None
+    else:
+        assert info["cpu_flags"] == {name: name in listed[0] for name in names}
+    torch_cpu = info["torch_cpu"]
+    assert torch_cpu["capability"] == torch.backends.cpu.get_cpu_capability()
+    assert torch_cpu["amx_tile"] == torch.cpu._is_amx_tile_supported()
+    assert torch_cpu["avx512_bf16"] == torch.cpu._is_avx512_bf16_supported()
+    if info["cpu_flags"] is not None and platform.machine() == "x86_64":
+        # torch also needs the OS to enable a feature, so it may see less than the CPU lists, never more
+        assert not torch_cpu["amx_tile"] or info["cpu_flags"]["amx_tile"]
+        assert not torch_cpu["avx512_bf16"] or info["cpu_flags"]["avx512_bf16"]
+        assert not torch_cpu["avx512"] or info["cpu_flags"]["avx512f"]
+    json.dumps(info)

@@ -59,9 +59,10 @@ def test_matches_transformers_experts_at_topk(family, backend):
     experts = experts_of(family)
     hidden, ids, weights = routing(11, experts)
     expected = type(experts).forward(experts, hidden, ids, weights)
-    out, rows = get_backend(backend)(ExpertWeights.of(experts), hidden, ids, weights)
+    out, rows, ran = get_backend(backend)(ExpertWeights.of(experts), hidden, ids, weights)
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
     assert int(rows) == ids.numel()
+    assert ran == backend
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -74,7 +75,7 @@ def test_sentinel_pairs_equal_zero_weight_pairs(family, backend, dtype):
     zeroed = torch.where(keep, weights, torch.zeros_like(weights))
     expected = type(experts).forward(experts, hidden, ids, zeroed)
     sentinel = torch.where(keep, ids, experts.num_experts)
-    out, rows = get_backend(backend)(ExpertWeights.of(experts), hidden, sentinel, zeroed)
+    out, rows, _ = get_backend(backend)(ExpertWeights.of(experts), hidden, sentinel, zeroed)
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out, expected, rtol=0, atol=tolerance)
     assert int(rows) == int(keep.sum())
@@ -87,7 +88,7 @@ def test_all_masked_runs_no_expert_gemm(backend):
     hidden, ids, weights = routing(9, experts)
     sentinel = torch.full_like(ids, experts.num_experts)
     with TensorReads([experts.gate_up_proj, experts.down_proj]) as reads:
-        out, rows = get_backend(backend)(
+        out, rows, _ = get_backend(backend)(
             ExpertWeights.of(experts), hidden, sentinel, torch.zeros_like(weights)
         )
     assert reads.reads == []
@@ -110,7 +111,7 @@ def test_only_kept_experts_are_read(backend):
     # The GEMMs see only the kept expert's rows: its output equals that expert alone.
     w = ExpertWeights.of(experts)
     alone = w.activation(hidden @ w.up[kept_expert]) @ w.down[kept_expert] * weights[0, 0]
-    out, _ = get_backend(backend)(w, hidden, sentinel, weights)
+    out = get_backend(backend)(w, hidden, sentinel, weights).output
     torch.testing.assert_close(out[0], alone[0], rtol=0, atol=1e-6)
     assert masked_expert != kept_expert
 
@@ -123,7 +124,7 @@ def test_gradients_match_transformers_experts(backend):
     weights.requires_grad_(True)
     expected = type(experts).forward(experts, hidden, ids, weights)
     grads_expected = torch.autograd.grad(expected.square().sum(), [hidden, weights, experts.gate_up_proj])
-    out, _ = get_backend(backend)(ExpertWeights.of(experts), hidden, ids, weights)
+    out = get_backend(backend)(ExpertWeights.of(experts), hidden, ids, weights).output
     grads = torch.autograd.grad(out.square().sum(), [hidden, weights, experts.gate_up_proj])
     for got, want in zip(grads, grads_expected, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
@@ -134,3 +135,20 @@ def test_unknown_backend_is_refused():
 
     with pytest.raises(BeamError, match="unknown expert backend 'fast'; available: reference, grouped"):
         get_backend("fast")
+
+
+NOT_SILU_GATED = {"gpt_oss"}  # clamped GLU on interleaved gate/up columns, with biases
+
+
+def test_silu_gate_is_declared_exactly_where_the_gate_is_silu(family):
+    """`gated_silu` is what the fused kernel trusts: ExpertWeights.of declares it for the families
+    whose gate computes silu(gate) * up on [gate | up], and only for them."""
+    w = ExpertWeights.of(experts_of(family))
+    assert w.gated_silu == (family not in NOT_SILU_GATED)
+    h = torch.randn(5, w.up.shape[-1], generator=torch.Generator().manual_seed(0))
+    gate, up = h.chunk(2, dim=-1)
+    silu_gated = torch.nn.functional.silu(gate) * up
+    if w.gated_silu:
+        torch.testing.assert_close(w.activation(h), silu_gated, rtol=0, atol=0)
+    else:
+        assert not torch.allclose(w.activation(h), silu_gated)

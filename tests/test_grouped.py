@@ -43,7 +43,7 @@ def float64_reference(experts, hidden, ids, weights):
     w64 = ExpertWeights(w.up.double(), None, w.down.double(), None, w.activation)
     clean = torch.where(ids < experts.num_experts, weights, torch.zeros_like(weights))
     with torch.no_grad():
-        return get_backend("reference")(w64, hidden.double(), ids, clean.double())[0]
+        return get_backend("reference")(w64, hidden.double(), ids, clean.double()).output
 
 
 def relative_error(out, ref):
@@ -57,7 +57,7 @@ def test_strategies_match_float64_reference(strategy, dtype, tokens):
     experts = experts_of(dtype=dtype)
     hidden, ids, weights, keep = masked_routing(experts, tokens, 2, seed=tokens, dtype=dtype)
     with torch.no_grad():
-        out, rows = grouped_experts(ExpertWeights.of(experts), hidden, ids, weights, strategy=strategy)
+        out, rows, _ = grouped_experts(ExpertWeights.of(experts), hidden, ids, weights, strategy=strategy)
     assert int(rows) == int(keep.sum())
     assert out.dtype == dtype
     assert torch.all(out[0] == 0), "a token with every expert masked gets exactly zero"
@@ -75,7 +75,7 @@ def test_strategies_with_biases_and_custom_gate(strategy):
     clean = torch.where(keep, weights, torch.zeros_like(weights))
     expected = type(experts).forward(experts, hidden, torch.where(keep, ids, 0), clean)
     with torch.no_grad():
-        out, rows = grouped_experts(ExpertWeights.of(experts), hidden, ids, weights, strategy=strategy)
+        out, rows, _ = grouped_experts(ExpertWeights.of(experts), hidden, ids, weights, strategy=strategy)
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
     assert int(rows) == int(keep.sum())
 
@@ -117,7 +117,7 @@ def test_auto_strategy_supports_autograd():
     hidden, ids, _, keep = masked_routing(experts, 6, 2, seed=5)
     weights = torch.rand(ids.shape, requires_grad=True)
     hidden.requires_grad_(True)
-    out, _ = grouped_experts(ExpertWeights.of(experts), hidden, ids, weights)
+    out = grouped_experts(ExpertWeights.of(experts), hidden, ids, weights).output
     out.square().sum().backward()
     assert hidden.grad is not None and torch.isfinite(hidden.grad).all()
     assert torch.all(weights.grad[~keep] == 0)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from beam_moe import BeamError, attach, beam_stats, get_attachment
+from beam_moe import BeamConfig, BeamError, attach, beam_stats, get_attachment
 from beam_moe.tiny_models import tiny_model
 from conftest import token_batch
 from masking import randomize_heads
@@ -49,3 +49,27 @@ def test_counting_stops_after_the_block_and_nests():
 def test_requires_an_attached_model():
     with pytest.raises(BeamError, match="no BEAM mask heads"), beam_stats(tiny_model("qwen3_moe")):
         pass
+
+
+def test_the_backend_that_ran_is_recorded_per_layer():
+    model = attach(tiny_model("qwen3_moe"), BeamConfig(backend="reference"))
+    with torch.no_grad(), beam_stats(model) as stats:
+        model(token_batch(length=4))
+        model(token_batch(length=3))
+    assert stats.backends == {"model.layers.0.mlp": {"reference": 2}, "model.layers.1.mlp": {"reference": 2}}
+    assert stats.to_dict()["backends"] == stats.backends
+
+
+@pytest.mark.parametrize(("family", "ran"), [("qwen3_moe", "triton"), ("gpt_oss", "grouped")])
+def test_a_triton_fallback_to_grouped_shows_in_the_stats(family, ran, monkeypatch):
+    """Asking for `triton` runs the kernel on SiLU experts; gpt-oss's gate is handed to `grouped`,
+    and the stats say so instead of claiming the kernel ran."""
+    pytest.importorskip("triton")
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    model = attach(tiny_model(family), BeamConfig(backend="triton"))
+    randomize_heads(model, seed=5)
+    with torch.no_grad(), beam_stats(model) as stats:
+        model(token_batch(length=5))
+    assert stats.backends == {name: {ran: 1} for name in stats.layer_names}
+    assert stats.computed_rows == stats.kept_pairs

@@ -54,7 +54,8 @@ def test_kernel_matches_float64_reference(device, poisoned_intermediate, dtype, 
     )
     backend = get_backend("triton", device)
     with torch.no_grad():
-        out, rows = backend(ExpertWeights.of(experts.to(device)), *on(device, hidden, ids, weights))
+        out, rows, ran = backend(ExpertWeights.of(experts.to(device)), *on(device, hidden, ids, weights))
+    assert ran == "triton", "the kernel ran, not the grouped fallback"
     assert out.dtype == dtype and out.shape == hidden.shape and out.device.type == device.type
     assert int(rows) == int(keep.sum())
     out = out.cpu()
@@ -71,7 +72,7 @@ def test_every_expert_masked_computes_nothing(device, dtype):
     hidden, ids, weights, _ = masked_routing(experts, 7, 3, seed=7, dtype=dtype)
     sentinel = torch.full_like(ids, experts.num_experts)
     with torch.no_grad():
-        out, rows = get_backend("triton", device)(
+        out, rows, _ = get_backend("triton", device)(
             ExpertWeights.of(experts), *on(device, hidden, sentinel, weights)
         )
     assert int(rows) == 0
@@ -102,16 +103,48 @@ def test_alignment_drops_masked_pairs():
     assert used == int(((counts + block_m - 1) // block_m * block_m).sum())
 
 
-def test_non_swiglu_experts_fall_back_to_grouped(device):
+def test_non_swiglu_experts_fall_back_to_grouped_and_say_so(device):
     experts = experts_of("gpt_oss")
-    assert not is_swiglu(ExpertWeights.of(experts))
-    assert is_swiglu(ExpertWeights.of(small_experts(torch.float32)))
     hidden, ids, weights, _ = masked_routing(experts, 5, 2, seed=9)
     with torch.no_grad():
-        out, _ = get_backend("triton", device)(
+        out, _, ran = get_backend("triton", device)(
             ExpertWeights.of(experts.to(device)), *on(device, hidden, ids, weights)
         )
+    assert ran == "grouped"
     assert relative_error(out.cpu(), float64_reference(experts.cpu(), hidden, ids, weights)) < 1e-5
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v3"])
+def test_is_swiglu_accepts_transformers_silu_experts(family):
+    assert is_swiglu(ExpertWeights.of(experts_of(family)))
+
+
+def test_is_swiglu_accepts_vllm_silu_experts(device):
+    """The view the vLLM plugin builds on vLLM's w13 [E, 2I, H] / w2 [E, H, I] (the layout vLLM
+    loads, and transformers 5.x stores): declared SwiGLU, and the kernel computes transformers'
+    experts on it."""
+    experts = small_experts(torch.float32)
+    weights = ExpertWeights.swiglu(experts.gate_up_proj, experts.down_proj)
+    assert is_swiglu(weights)
+    hidden, ids, routing, _ = masked_routing(experts, 9, 3, seed=5, kept_share=0.7)
+    expected = float64_reference(experts, hidden, ids, routing)  # transformers' own gate, in float64
+    on_device = ExpertWeights.swiglu(experts.gate_up_proj.to(device), experts.down_proj.to(device))
+    with torch.no_grad():
+        out, _, ran = get_backend("triton", device)(on_device, *on(device, hidden, ids, routing))
+    assert ran == "triton"
+    assert relative_error(out.cpu(), expected) < TOLERANCE[torch.float32]
+
+
+def test_is_swiglu_refuses_other_gates():
+    assert not is_swiglu(ExpertWeights.of(experts_of("gpt_oss"))), "clamped, interleaved, biased GLU"
+    gelu = small_experts(torch.float32)
+    gelu.act_fn = torch.nn.GELU()  # transformers' default gate, another activation
+    assert not is_swiglu(ExpertWeights.of(gelu))
+    silu = small_experts(torch.float32)
+    biased = ExpertWeights.swiglu(
+        silu.gate_up_proj, silu.down_proj, torch.zeros(silu.gate_up_proj.shape[:2]), None
+    )
+    assert not is_swiglu(biased), "the kernel has no bias terms"
 
 
 def test_interpreter_is_what_ran_without_a_gpu(device):
@@ -140,7 +173,7 @@ def test_no_tokens_at_all(device):
     experts = small_experts(torch.float32, device)
     hidden = torch.randn(0, 80, device=device)
     ids = torch.zeros(0, 3, dtype=torch.long, device=device)
-    out, rows = get_backend("triton", device)(
+    out, rows, _ = get_backend("triton", device)(
         ExpertWeights.of(experts), hidden, ids, torch.zeros(0, 3, device=device)
     )
     assert out.shape == (0, 80) and int(rows) == 0

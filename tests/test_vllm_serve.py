@@ -31,6 +31,13 @@ HERE = Path(__file__).parent
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+def one_core_per_rank(ranks: int = 2) -> str:
+    """VLLM_CPU_OMP_THREADS_BIND for `ranks` ranks, from the cores this process may run on (a CI
+    runner's may not include cores 0 and 1); with fewer cores than ranks, ranks share them."""
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [0]
+    return "|".join(str(cores[rank % len(cores)]) for rank in range(ranks))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -57,7 +64,7 @@ def server(tmp_path_factory):
         "VLLM_CPU_KVCACHE_SPACE": "1",
         "VLLM_SERVER_DEV_MODE": "1",  # exposes /collective_rpc, used to read the Avg-K counters
         "BEAM_MOE_LOG_INTERVAL": "1",
-        "VLLM_CPU_OMP_THREADS_BIND": "0|1",  # one core per tensor-parallel rank (one NUMA node here)
+        "VLLM_CPU_OMP_THREADS_BIND": one_core_per_rank(),  # vLLM's "auto" wants a NUMA node per rank
         "HF_HUB_OFFLINE": "1",
     }
     command = [

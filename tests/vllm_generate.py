@@ -1,9 +1,12 @@
 """Run greedy generation in real vLLM engines, one after another in this process; write the results as JSON.
 
 Usage: python vllm_generate.py SPEC.json OUT.json, where SPEC holds
-{"cases": [{"name", "model", "prompts": [[ids]], "max_tokens", "hf_overrides"?}]}.
-Each case gets tokens, logprobs of the chosen tokens and the plugin's Avg-K counters (reset after
-start-up, so they cover exactly the prompts and generated tokens of the case).
+{"cases": [{"name", "model", "prompts": [[ids]], "max_tokens", "hf_overrides"?, "dtype"?, "env"?}]}.
+`dtype` is the engine's dtype (float32 unless given); `env` holds environment variables set for
+that case only (e.g. TRITON_INTERPRET=1, read when the Triton kernels are built).
+Each case gets tokens, logprobs of the chosen tokens, the attention backends vLLM picked and the
+plugin's Avg-K counters (reset after start-up, so they cover exactly the prompts and generated
+tokens of the case).
 """
 
 import gc
@@ -18,6 +21,13 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+def attention_backends(worker) -> list[str]:
+    """The attention backends the worker's model runner uses (e.g. CPU_ATTN, CPU_MLA, AMX_MLA)."""
+    return sorted(
+        {group.backend.get_name() for groups in worker.model_runner.attn_groups for group in groups}
+    )
+
+
 def run_case(case: dict) -> dict:
     from vllm import LLM, SamplingParams
 
@@ -26,7 +36,7 @@ def run_case(case: dict) -> dict:
     start = time.monotonic()
     llm = LLM(
         model=case["model"],
-        dtype="float32",
+        dtype=case.get("dtype", "float32"),
         max_model_len=256,
         max_num_seqs=4,
         enforce_eager=True,
@@ -48,6 +58,7 @@ def run_case(case: dict) -> dict:
                 for o in outputs
             ],
             "stats": engine_stats(llm) if beam else None,
+            "attention": llm.collective_rpc(attention_backends)[0],
             "seconds": time.monotonic() - start,
         }
     finally:
@@ -62,9 +73,17 @@ if __name__ == "__main__":
         spec = json.load(f)
     results = {}
     for case in spec["cases"]:
+        saved = {key: os.environ.get(key) for key in case.get("env", {})}
+        os.environ.update(case.get("env", {}))
         try:
             results[case["name"]] = run_case(case)
         except Exception:
             results[case["name"]] = {"error": traceback.format_exc()}
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
     with open(sys.argv[2], "w") as f:
         json.dump(results, f)

@@ -96,7 +96,7 @@ class BeamMoELayer:
 
     def _run_experts(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
         backend = get_backend(self.config.backend, hidden_states.device)
-        out, rows = backend(ExpertWeights.of(self.experts), hidden_states, top_k_index, top_k_weights)
+        result = backend(ExpertWeights.of(self.experts), hidden_states, top_k_index, top_k_weights)
         for sink in self.sinks:
-            sink._add_rows(self.index, rows)
-        return out
+            sink._add_rows(self.index, result.rows, result.backend)
+        return result.output

@@ -1,4 +1,5 @@
-"""Counting what BEAM does: kept pairs, Avg-K, rows that really entered an expert GEMM."""
+"""Counting what BEAM does: kept pairs, Avg-K, rows that really entered an expert GEMM, and which
+expert backend computed them."""
 
 from __future__ import annotations
 
@@ -32,6 +33,9 @@ class BeamStats:
     per_layer:     Avg-K of each MoE layer.
     zero_kept:     per layer, the fraction of tokens that kept no routed expert (in a model without
                    shared experts such a token skips the layer's FFN entirely).
+    backends:      per layer, the expert backends that really ran and how many calls each, e.g.
+                   {"model.layers.0.mlp": {"triton": 12}}; a backend that hands a call to another
+                   (triton to grouped) shows up under the one that ran.
     """
 
     def __init__(self, layer_names: list[str], top_k: list[int], record: bool = False) -> None:
@@ -43,6 +47,7 @@ class BeamStats:
         self._kept: list[Tensor | int] = [0] * n
         self._zero: list[Tensor | int] = [0] * n
         self._rows: list[Tensor | int] = [0] * n
+        self._backends: list[dict[str, int]] = [{} for _ in range(n)]
         self.records: list[list[RoutingRecord]] = [[] for _ in range(n)]
 
     def _add_routing(self, layer: int, keep: Tensor, ids: Tensor, soft: Tensor, weights: Tensor) -> None:
@@ -59,8 +64,10 @@ class BeamStats:
                 )
             )
 
-    def _add_rows(self, layer: int, rows: Tensor | int) -> None:
+    def _add_rows(self, layer: int, rows: Tensor | int, backend: str) -> None:
         self._rows[layer] = self._rows[layer] + rows
+        calls = self._backends[layer]
+        calls[backend] = calls.get(backend, 0) + 1
 
     @staticmethod
     def _int(value: Tensor | int) -> int:
@@ -101,6 +108,13 @@ class BeamStats:
         }
 
     @property
+    def backends(self) -> dict[str, dict[str, int]]:
+        """Calls per expert backend that really ran, by the layer's qualified name (layers that ran)."""
+        return {
+            name: dict(calls) for name, calls in zip(self.layer_names, self._backends, strict=True) if calls
+        }
+
+    @property
     def avg_k(self) -> float:
         values = list(self.per_layer.values())
         return sum(values) / len(values) if values else float("nan")
@@ -121,6 +135,7 @@ class BeamStats:
             "kept_fraction": self.kept_fraction,
             "per_layer": self.per_layer,
             "zero_kept": self.zero_kept,
+            "backends": self.backends,
         }
 
 

@@ -95,6 +95,8 @@ def describe_machine(device: torch.device) -> dict:
         "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "cpu": _cpu_name(),
+        "cpu_flags": cpu_flags(),
+        "torch_cpu": torch_cpu_support(),
         "platform": platform.platform(),
     }
     if hasattr(os, "getloadavg"):
@@ -111,6 +113,55 @@ def describe_machine(device: torch.device) -> dict:
         except ImportError:
             info["triton"] = None
     return info
+
+
+GEMM_FLAGS: dict[str, tuple[str, ...]] = {
+    "x86_64": (
+        "avx2",
+        "fma",
+        "avx512f",
+        "avx512_vnni",
+        "avx512_bf16",
+        "avx512_fp16",
+        "amx_tile",
+        "amx_bf16",
+        "amx_int8",
+        "amx_fp16",
+    ),
+    "aarch64": ("asimd", "sve", "sve2", "bf16", "i8mm", "sme"),
+}
+"""CPU flags that change a CPU's GEMM ceiling, by architecture (/proc/cpuinfo names: x86 `flags`,
+Arm `Features`): fp32 runs on AVX2/FMA or AVX-512; bf16 on AVX-512 BF16 (VDPBF16PS) or AMX tiles,
+several times faster; int8 and fp16 likewise. Two result files are comparable on the same flags."""
+
+
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo", machine: str | None = None) -> dict[str, bool] | None:
+    """Which of this architecture's GEMM_FLAGS the first CPU in `cpuinfo` lists; None where the
+    file or the architecture's list is missing."""
+    names = GEMM_FLAGS.get(machine or platform.machine())
+    if names is None:
+        return None
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("flags", "Features"):
+                    present = set(value.split())
+                    return {name: name in present for name in names}
+    except OSError:
+        pass
+    return None
+
+
+def torch_cpu_support() -> dict[str, str | bool]:
+    """What torch itself detects (its choice of CPU kernels, and vLLM's choice of AMX kernels,
+    follow these): the capability its kernels were dispatched for, and its feature probes."""
+    support: dict[str, str | bool] = {"capability": torch.backends.cpu.get_cpu_capability()}
+    for name in ("avx2", "avx512", "avx512_bf16", "vnni", "amx_tile", "amx_fp16"):
+        probe = getattr(torch.cpu, f"_is_{name}_supported", None)
+        if probe is not None:
+            support[name] = bool(probe())
+    return support
 
 
 def _commit() -> str | None:

@@ -1,7 +1,8 @@
 """Expert execution backends behind one interface.
 
 A backend is `fn(weights: ExpertWeights, hidden [T, H], ids [T, K], routing_weights [T, K])
--> (output [T, H], rows computed)`, where ids >= E mark masked pairs that must never be computed.
+-> ExpertsOutput(output [T, H], rows computed, name of the backend that ran)`, where ids >= E mark
+masked pairs that must never be computed.
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ from beam_moe.errors import BeamError, require
 from beam_moe.experts.grouped import grouped_experts, grouped_mm_available
 from beam_moe.experts.reference import reference_experts
 from beam_moe.experts.triton import triton_available, triton_experts
-from beam_moe.experts.weights import ExpertWeights
+from beam_moe.experts.weights import ExpertsOutput, ExpertWeights
 
-ExpertBackend = Callable[[ExpertWeights, Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
+ExpertBackend = Callable[[ExpertWeights, Tensor, Tensor, Tensor], ExpertsOutput]
 
 _BACKENDS: dict[str, ExpertBackend] = {
     "reference": reference_experts,
@@ -63,4 +64,11 @@ def get_backend(name: str, device: torch.device | None = None) -> ExpertBackend:
     return _BACKENDS[name]
 
 
-__all__ = ["ExpertBackend", "ExpertWeights", "available_backends", "get_backend", "register_backend"]
+__all__ = [
+    "ExpertBackend",
+    "ExpertWeights",
+    "ExpertsOutput",
+    "available_backends",
+    "get_backend",
+    "register_backend",
+]

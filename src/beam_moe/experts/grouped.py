@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from beam_moe.experts.weights import ExpertWeights
+from beam_moe.experts.weights import ExpertsOutput, ExpertWeights
 
 SMALL_ROUTING = 256
 """Sort routings of at most this many (token, slot) pairs on the host (decode): fewer tensor ops."""
@@ -128,15 +128,16 @@ def _sort_on_host(ids: Tensor, num_experts: int) -> KeptPairs:
 
 def grouped_experts(
     w: ExpertWeights, hidden: Tensor, ids: Tensor, weights: Tensor, strategy: str | None = None
-) -> tuple[Tensor, Tensor]:
-    """Same contract as `reference_experts`: ids >= E are skipped; returns (output, rows computed).
+) -> ExpertsOutput:
+    """Same contract as `reference_experts`: ids >= E are skipped; returns (output, rows computed,
+    "grouped").
 
     `strategy` forces "loop" or "grouped_mm" (tests, benchmarks); by default the device decides:
     the loop on the CPU, grouped_mm on accelerators and whenever a backward pass is needed.
     """
     pairs = sort_kept_pairs(ids, w.num_experts)
     if pairs.num_rows == 0:
-        return torch.zeros_like(hidden), torch.tensor(0)
+        return ExpertsOutput(torch.zeros_like(hidden), torch.tensor(0), "grouped")
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (hidden, weights, w.up, w.down))
     if strategy is None:
         on_cpu = hidden.device.type == "cpu" and not needs_grad
@@ -146,7 +147,7 @@ def grouped_experts(
     else:
         y = _grouped_gemm(w, hidden[pairs.tokens].to(w.up.dtype), pairs)
     row_weights = weights.reshape(-1)[pairs.order]
-    return combine_rows(y, row_weights, pairs, hidden), torch.tensor(pairs.num_rows)
+    return ExpertsOutput(combine_rows(y, row_weights, pairs, hidden), torch.tensor(pairs.num_rows), "grouped")
 
 
 def _grouped_gemm(w: ExpertWeights, x: Tensor, pairs: KeptPairs) -> Tensor:

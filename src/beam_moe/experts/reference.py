@@ -5,15 +5,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from beam_moe.experts.weights import ExpertWeights
+from beam_moe.experts.weights import ExpertsOutput, ExpertWeights
 
 
-def reference_experts(
-    w: ExpertWeights, hidden: Tensor, ids: Tensor, weights: Tensor
-) -> tuple[Tensor, Tensor]:
+def reference_experts(w: ExpertWeights, hidden: Tensor, ids: Tensor, weights: Tensor) -> ExpertsOutput:
     """Σ_k weights[t, k] · expert_{ids[t, k]}(hidden[t]), skipping ids >= E.
 
-    Returns (output [T, H] in hidden's dtype, number of (token, expert) rows that entered a GEMM).
+    Returns the output [T, H] in hidden's dtype and the number of (token, expert) rows that entered a GEMM.
     """
     num_tokens, top_k = ids.shape
     slots = torch.zeros(num_tokens, top_k, hidden.shape[-1], dtype=torch.float32, device=hidden.device)
@@ -28,4 +26,4 @@ def reference_experts(
             y = y + w.down_bias[expert]
         slots = slots.index_put((token, slot), (y * weights[token, slot, None]).float())
         rows += token.numel()
-    return slots.sum(dim=1).to(hidden.dtype), torch.tensor(rows)
+    return ExpertsOutput(slots.sum(dim=1).to(hidden.dtype), torch.tensor(rows), "reference")

@@ -14,9 +14,10 @@ spent on them.
 3. `down_kernel`: y = (h @ down) * routed weight, written to the pair's slot.
 4. The K slots of each token are summed in float32 (masked slots hold zeros).
 
-Families whose gate is not plain SwiGLU (gpt-oss), experts with biases, and calls that need a
-backward pass run the `grouped` backend instead. `TRITON_INTERPRET=1` runs the kernels on the CPU
-(slowly) for tests; the kernels are built on first use so that the variable is read then.
+Weights that do not declare a plain SwiGLU gate (`ExpertWeights.gated_silu`: gpt-oss and other
+gates), experts with biases, and calls that need a backward pass run the `grouped` backend instead;
+the result then names `grouped` as the backend that ran. `TRITON_INTERPRET=1` runs the kernels on
+the CPU (slowly) for tests; the kernels are built on first use so that the variable is read then.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from torch import Tensor
 
 from beam_moe.errors import require
 from beam_moe.experts.grouped import grouped_experts
-from beam_moe.experts.weights import ExpertWeights
+from beam_moe.experts.weights import ExpertsOutput, ExpertWeights
 
 
 def interpreting() -> bool:
@@ -122,17 +123,10 @@ def block_config(num_pairs: int, dtype: torch.dtype) -> BlockConfig:
 
 
 def is_swiglu(w: ExpertWeights) -> bool:
-    """Plain SwiGLU experts (gate half first, silu, no biases): what the fused kernel computes."""
-    from transformers.activations import SiLUActivation
-    from transformers.integrations.moe import _default_apply_gate
-
-    owner = getattr(w.activation, "__self__", None)
+    """Plain SwiGLU experts (declared `gated_silu`: gate half first, silu; no biases): what the
+    fused kernel computes."""
     return (
-        getattr(w.activation, "__func__", None) is _default_apply_gate
-        and isinstance(getattr(owner, "act_fn", None), (SiLUActivation, torch.nn.SiLU))
-        and w.up_bias is None
-        and w.down_bias is None
-        and w.up.shape[-1] == 2 * w.down.shape[-2]
+        w.gated_silu and w.up_bias is None and w.down_bias is None and w.up.shape[-1] == 2 * w.down.shape[-2]
     )
 
 
@@ -141,15 +135,16 @@ def _intermediate_buffer(*shape: int, dtype: torch.dtype, device: torch.device) 
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def triton_experts(w: ExpertWeights, hidden: Tensor, ids: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
-    """Same contract as `reference_experts`: ids >= E are skipped; returns (output, rows computed)."""
+def triton_experts(w: ExpertWeights, hidden: Tensor, ids: Tensor, weights: Tensor) -> ExpertsOutput:
+    """Same contract as `reference_experts`: ids >= E are skipped; returns (output, rows computed,
+    backend): "triton", or "grouped" when the call was handed to the grouped backend."""
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (hidden, weights, w.up, w.down))
     if needs_grad or not is_swiglu(w):
         return grouped_experts(w, hidden, ids, weights)
     num_tokens, top_k = ids.shape
     num_pairs = ids.numel()
     if num_pairs == 0:
-        return torch.zeros_like(hidden), torch.tensor(0)
+        return ExpertsOutput(torch.zeros_like(hidden), torch.tensor(0), "triton")
     hidden_size, intermediate_size = w.hidden_size, w.down.shape[-2]
     config = block_config(num_pairs, w.up.dtype)
     aligned = align_kept_pairs(ids, w.num_experts, config.block_m)
@@ -217,4 +212,4 @@ def triton_experts(w: ExpertWeights, hidden: Tensor, ids: Tensor, weights: Tenso
         num_warps=config.num_warps,
     )
     out = slots.view(num_tokens, top_k, hidden_size).sum(dim=1).to(hidden.dtype)
-    return out, aligned.num_kept
+    return ExpertsOutput(out, aligned.num_kept, "triton")

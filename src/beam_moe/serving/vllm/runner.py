@@ -22,7 +22,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 from vllm.config import CUDAGraphMode, VllmConfig
 from vllm.distributed import get_tensor_model_parallel_rank
 from vllm.forward_context import get_forward_context, is_forward_context_available
@@ -33,7 +32,7 @@ from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import Un
 
 from beam_moe.config import BeamConfig
 from beam_moe.errors import BeamError
-from beam_moe.experts import ExpertWeights, available_backends, get_backend
+from beam_moe.experts import ExpertsOutput, ExpertWeights, available_backends, get_backend
 from beam_moe.mask import MaskHead
 from beam_moe.merged import effective_beam_config, read_merged_config
 from beam_moe.routing import MaskedRouting, apply_slot_mask, to_sentinel
@@ -48,7 +47,7 @@ class KernelOnKeptPairs:
 
     name = "vllm"
 
-    def __call__(self, runner: MoERunner, hidden: Tensor, routing: MaskedRouting) -> tuple[Tensor, int]:
+    def __call__(self, runner: MoERunner, hidden: Tensor, routing: MaskedRouting) -> ExpertsOutput:
         experts = runner.routed_experts
         if experts.quant_method.is_monolithic:
             raise BeamError(
@@ -57,24 +56,25 @@ class KernelOnKeptPairs:
             )
         keep = routing.keep
         if bool(keep.all()):
-            return experts.forward_modular(
-                x=hidden, topk_weights=routing.weights, topk_ids=routing.ids
-            ), keep.numel()
+            return self._kernel(experts, hidden, routing.weights, routing.ids)
         token, slot = keep.nonzero(as_tuple=True)
         if token.numel() == 0:
-            return torch.zeros_like(hidden), 0
-        out = experts.forward_modular(
-            x=hidden[token],
-            topk_weights=routing.weights[token, slot].unsqueeze(1).contiguous(),
-            topk_ids=routing.ids[token, slot].unsqueeze(1).contiguous(),
+            return ExpertsOutput(torch.zeros_like(hidden), torch.tensor(0), self.name)
+        out, rows, backend = self._kernel(
+            experts,
+            hidden[token],
+            routing.weights[token, slot].unsqueeze(1).contiguous(),
+            routing.ids[token, slot].unsqueeze(1).contiguous(),
         )
         fused = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
-        return fused.index_add_(0, token, out.float()).to(hidden.dtype), token.numel()
+        return ExpertsOutput(fused.index_add_(0, token, out.float()).to(hidden.dtype), rows, backend)
 
-
-def _silu_and_mul(h: Tensor) -> Tensor:
-    gate, up = h.chunk(2, dim=-1)
-    return F.silu(gate) * up
+    def _kernel(self, experts: nn.Module, x: Tensor, weights: Tensor, ids: Tensor) -> ExpertsOutput:
+        """One call of vLLM's kernel; the rows are counted from what the kernel is handed (every
+        (row, id) pair of `x` and `ids` is computed), not from the mask, so that a masked pair passed
+        in by mistake shows up in `computed_rows`."""
+        out = experts.forward_modular(x=x, topk_weights=weights, topk_ids=ids)
+        return ExpertsOutput(out, torch.tensor(x.shape[0] * ids.shape[1]), self.name)
 
 
 class BackendOnCheckpointWeights:
@@ -84,19 +84,18 @@ class BackendOnCheckpointWeights:
         self.name = name
         self.backend = get_backend(name, device)
 
-    def __call__(self, runner: MoERunner, hidden: Tensor, routing: MaskedRouting) -> tuple[Tensor, int]:
+    def __call__(self, runner: MoERunner, hidden: Tensor, routing: MaskedRouting) -> ExpertsOutput:
         experts = runner.routed_experts
         has_bias = experts.moe_config.has_bias
-        weights = ExpertWeights(
-            up=experts.w13_weight.transpose(1, 2),
-            up_bias=experts.w13_bias if has_bias else None,
-            down=experts.w2_weight.transpose(1, 2),
-            down_bias=experts.w2_bias if has_bias else None,
-            activation=_silu_and_mul,
+        # _check_supported admits unquantized SiLU experts only; w13 holds [gate | up] rows.
+        weights = ExpertWeights.swiglu(
+            experts.w13_weight,
+            experts.w2_weight,
+            experts.w13_bias if has_bias else None,
+            experts.w2_bias if has_bias else None,
         )
         ids = to_sentinel(routing.ids.long(), routing.keep, weights.num_experts)
-        out, rows = self.backend(weights, hidden, ids, routing.weights)
-        return out, int(rows)
+        return self.backend(weights, hidden, ids, routing.weights)
 
 
 class _CheckpointLayoutMoEMethod(UnquantizedFusedMoEMethod):
@@ -143,9 +142,9 @@ class BeamMoERunner(MoERunner):
             self.beam_config.threshold,
             renormalize=self.beam_config.renormalize,
         )
-        fused, rows = self.beam_executor(self, hidden_states, routing)
+        fused, rows, backend = self.beam_executor(self, hidden_states, routing)
         if _is_real_step():
-            SERVING_STATS.add(self.beam_index, routing, rows)
+            SERVING_STATS.add(self.beam_index, routing, rows, backend)
         if shared_experts_overlapping:
             self._shared_experts.wait()
             shared = self._shared_experts.output

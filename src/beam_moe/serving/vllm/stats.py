@@ -1,8 +1,9 @@
 """Avg-K inside a vLLM worker: counters, a periodic log line, and an RPC to read them.
 
-Each worker process counts the (token, expert) pairs its BEAM layers keep, with beam-moe's own
-`BeamStats`, over real forward passes only (vLLM's warm-up and profiling passes carry no attention
-metadata and are skipped). Reading them:
+Each worker process counts the (token, expert) pairs its BEAM layers keep, the rows their experts
+computed and which expert backend computed them (per layer), with beam-moe's own `BeamStats`, over
+real forward passes only (vLLM's warm-up and profiling passes carry no attention metadata and are
+skipped). Reading them:
 
 - the log: every `BEAM_MOE_LOG_INTERVAL` seconds (default 10; 0 turns it off) a worker that served
   tokens logs "BEAM: Avg-K 1.23 of 8 ..." through vLLM's logger;
@@ -17,6 +18,8 @@ import os
 import threading
 import time
 from typing import Any
+
+from torch import Tensor
 
 from beam_moe.routing import MaskedRouting
 from beam_moe.stats import BeamStats
@@ -62,10 +65,12 @@ class ServingStats:
         with self._lock:
             self._reset()
 
-    def add(self, layer: int, routing: MaskedRouting, rows: int) -> None:
+    def add(self, layer: int, routing: MaskedRouting, rows: Tensor | int, backend: str) -> None:
+        """Count one real forward pass of a BEAM layer: its routing, the rows its experts computed
+        and the backend that computed them."""
         with self._lock:
             self.stats._add_routing(layer, routing.keep, routing.ids, routing.soft, routing.weights)
-            self.stats._add_rows(layer, rows)
+            self.stats._add_rows(layer, rows, backend)
         if layer == len(self.layer_names) - 1:
             self._maybe_log()
 
