@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from beam_moe import BeamConfig, attach, save_beam
+from beam_moe import BeamConfig, attach, get_attachment, save_beam
 from beam_moe.adapters import family_for
 from beam_moe.loading import load_base_model
 from beam_moe.merged import export_merged
@@ -64,10 +64,19 @@ def save_base(family: str, path: Path, seed: int = 0, max_shard_size: str | None
 
 
 def save_merged(base: Path, out: Path, trained: bool, config: BeamConfig | None = None) -> Path:
-    """Adapter on `base` (random heads when `trained`, else fresh keep-all heads), exported to `out`."""
+    """Adapter on `base` (random heads when `trained`, else fresh keep-all heads), exported to `out`.
+
+    A trained router-aware head (the default) gets a live router term too, z = x · W_m + r + log(1/0.3),
+    so every serving path is checked on the router feature as well as on W_m.
+    """
     model = attach(load_base_model(base), config or BeamConfig())
     if trained:
         randomize_heads(model, seed=3, std=0.3)
+        for layer in get_attachment(model).layers:
+            if layer.head.router_aware:
+                with torch.no_grad():
+                    layer.head.router_scale.fill_(1.0)
+                layer.head.set_router_threshold(0.3)
     adapter = out.with_name(out.name + "-adapter")
     save_beam(model, adapter)
     return export_merged(adapter, out)
