@@ -113,8 +113,8 @@ def test_controller_reaches_the_target_on_the_reference_moe(tmp_path, head, targ
     if not corpus_is_ready(default_data_dir()):
         pytest.skip("the corpus has not been prepared (scripts/setup.sh prepares it)")
     data = tmp_path / "text.jsonl"
-    write_training_text(data, 60 * 4 * 64, seed=0)
-    steps = 60
+    steps = 50
+    write_training_text(data, steps * 4 * 64, seed=0)
     result = train(
         model=str(reference_model_path()),
         data=[str(data)],
@@ -128,6 +128,7 @@ def test_controller_reaches_the_target_on_the_reference_moe(tmp_path, head, targ
         val_fraction=0.0,
         save_every=0,
         calibrate=False,
+        calibration_tokens=2048,
         progress=False,
         tensorboard=False,
     )
