@@ -13,7 +13,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     defaults, recipe = QuickstartConfig(), Recipe()
     p = subparsers.add_parser(
         "quickstart",
-        help="the whole pipeline on the built-in reference MoE, offline (5-7 minutes on 2 cores)",
+        help="the whole pipeline on the built-in reference MoE, offline (about 10 minutes on 2 cores)",
         description="Trains BEAM mask heads on the packaged reference MoE to a target Avg-K, evaluates "
         "held-out perplexity, Avg-K and MoE-layer FLOPs of the base model, BEAM and the baselines "
         "(Top-K pruning, Top-P, threshold) at the same Avg-K, times the MoE layers, and writes "
@@ -32,6 +32,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=recipe.lr, help=f"mask heads' learning rate ({recipe.lr})")
     p.add_argument("--objective", choices=("lm", "distill", "lm+distill"), default=recipe.objective)
     p.add_argument("--train", choices=("mask", "mask+router"), default=recipe.train, help="what trains")
+    p.add_argument(
+        "--head",
+        choices=("router", "linear"),
+        default=recipe.head,
+        help="router: router-aware head, starts as threshold skipping at the budget; linear: the paper's "
+        "(%(default)s)",
+    )
+    p.add_argument(
+        "--mix",
+        choices=("heldout", "corpus"),
+        default=recipe.mix,
+        help="training text: the held-out split's source mix, or the train split's (%(default)s)",
+    )
+    p.add_argument(
+        "--settle", type=float, default=recipe.settle, help="final fraction of steps with beta frozen"
+    )
     p.add_argument(
         "--controller-kp", type=float, default=recipe.controller_kp, help="budget controller, P gain"
     )
@@ -80,6 +96,9 @@ def run(args: argparse.Namespace) -> int:
             train=args.train,
             controller_kp=args.controller_kp,
             controller_ki=args.controller_ki,
+            head=args.head,
+            mix=args.mix,
+            settle=args.settle,
             seed=args.seed,
         ),
         eval_blocks=args.eval_blocks,

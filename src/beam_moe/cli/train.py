@@ -9,7 +9,16 @@ import argparse
 import json
 
 
+def _default(name: str):
+    """`TrainConfig`'s default for a field: the CLI, the Python API and the quickstart share them."""
+    from beam_moe.train.config import TrainConfig
+
+    return TrainConfig.__dataclass_fields__[name].default
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from beam_moe.config import BeamConfig
+
     p = subparsers.add_parser(
         "train",
         help="train BEAM mask heads on a MoE model (the output folder is a BEAM adapter)",
@@ -20,44 +29,131 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, nargs="+", help=".jsonl (text or messages), .txt, or folders")
     p.add_argument("--output", required=True, help="output folder (a BEAM adapter when finished)")
     p.add_argument("--val-data", nargs="+", help="validation data (default: hold out --val-fraction)")
-    p.add_argument("--val-fraction", type=float, default=0.05, help="share of sequences held out (0.05)")
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=_default("val_fraction"),
+        help="share of sequences held out (0.05)",
+    )
 
     sparsity = p.add_mutually_exclusive_group(required=True)
     sparsity.add_argument("--beta", type=float, help="the paper's L1 weight on sigmoid(z) (fixed)")
     sparsity.add_argument(
         "--target-avg-k", type=float, help="kept experts per token to reach; beta is adjusted to get there"
     )
-    p.add_argument("--controller-kp", type=float, default=0.5, help="budget controller, proportional gain")
-    p.add_argument("--controller-ki", type=float, default=0.01, help="budget controller, integral gain")
+    p.add_argument(
+        "--controller-kp",
+        type=float,
+        default=_default("controller_kp"),
+        help="budget controller, proportional gain on the relative Avg-K error, in log beta (%(default)s)",
+    )
+    p.add_argument(
+        "--controller-ki",
+        type=float,
+        default=_default("controller_ki"),
+        help="budget controller, integral gain (%(default)s)",
+    )
+    p.add_argument(
+        "--controller-smoothing",
+        type=float,
+        default=_default("controller_smoothing"),
+        help="EMA factor of the training Avg-K the controller reads (%(default)s)",
+    )
+    p.add_argument("--beta-init", type=float, help="the controller's first beta (default: K / (2 target^2))")
+    p.add_argument(
+        "--settle",
+        type=float,
+        default=_default("settle"),
+        help="last fraction of the steps with beta frozen and the learning rates decaying (%(default)s)",
+    )
+    p.add_argument(
+        "--no-calibrate",
+        action="store_true",
+        help="keep threshold 0.5 at the end instead of calibrating it so that Avg-K equals the target",
+    )
+    p.add_argument(
+        "--calibration-tokens",
+        type=int,
+        default=_default("calibration_tokens"),
+        help="validation (else training) tokens the start and end calibrations measure (%(default)s)",
+    )
+    p.add_argument(
+        "--start-avg-k",
+        type=float,
+        help="where a router-aware head starts (default: the target; with --beta, every expert kept)",
+    )
+    p.add_argument(
+        "--head",
+        choices=("router", "linear"),
+        default=BeamConfig.__dataclass_fields__["head"].default,
+        help="router: router-aware head, starts as threshold skipping at the budget; linear: the paper's "
+        "(%(default)s)",
+    )
+    p.add_argument(
+        "--router-term-lr-ratio",
+        type=float,
+        default=_default("router_term_lr_ratio"),
+        help="learning rate of a router-aware head's two scalars per layer, x --lr (%(default)s)",
+    )
 
-    p.add_argument("--objective", choices=("lm", "distill", "lm+distill"), default="lm")
-    p.add_argument("--distill-weight", type=float, default=1.0, help="weight of the KL in lm+distill")
-    p.add_argument("--train", choices=("mask", "mask+router", "full", "lora"), default="mask")
-    p.add_argument("--lora-rank", type=int, default=16)
-    p.add_argument("--lora-alpha", type=float, default=32.0)
+    p.add_argument("--objective", choices=("lm", "distill", "lm+distill"), default=_default("objective"))
+    p.add_argument(
+        "--distill-weight",
+        type=float,
+        default=_default("distill_weight"),
+        help="weight of the KL in lm+distill",
+    )
+    p.add_argument("--train", choices=("mask", "mask+router", "full", "lora"), default=_default("train"))
+    p.add_argument("--lora-rank", type=int, default=_default("lora_rank"))
+    p.add_argument("--lora-alpha", type=float, default=_default("lora_alpha"))
     p.add_argument("--balance-coef", type=float, help="balance-loss weight for mask+router (model's own)")
     p.add_argument("--threshold", type=float, default=0.5, help="keep a slot when sigmoid(z) >= threshold")
 
-    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
-    p.add_argument("--lr", type=float, default=1e-3, help="mask heads' learning rate")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default=_default("dtype"))
+    p.add_argument("--lr", type=float, default=_default("lr"), help="mask heads' learning rate (%(default)s)")
     p.add_argument("--model-lr", type=float, help="learning rate of routers / LoRA / full weights")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (model weights)")
-    p.add_argument("--warmup", type=float, default=0.03, help="warm-up: a fraction (<1) or steps (>=1)")
-    p.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decay ends at this x peak lr")
-    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off)")
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per process per micro-batch")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--max-length", type=int, default=512, help="tokens per sequence")
+    p.add_argument(
+        "--weight-decay",
+        type=float,
+        default=_default("weight_decay"),
+        help="AdamW weight decay (model weights)",
+    )
+    p.add_argument(
+        "--warmup", type=float, default=_default("warmup"), help="warm-up: a fraction (<1) or steps (>=1)"
+    )
+    p.add_argument(
+        "--min-lr-ratio",
+        type=float,
+        default=_default("min_lr_ratio"),
+        help="cosine decay ends at this x peak lr",
+    )
+    p.add_argument(
+        "--max-grad-norm", type=float, default=_default("max_grad_norm"), help="gradient clipping (0: off)"
+    )
+    p.add_argument(
+        "--batch-size", type=int, default=_default("batch_size"), help="sequences per process per micro-batch"
+    )
+    p.add_argument(
+        "--grad-accum", type=int, default=_default("grad_accum"), help="micro-batches per optimizer step"
+    )
+    p.add_argument("--max-length", type=int, default=_default("max_length"), help="tokens per sequence")
     p.add_argument("--no-packing", action="store_true", help="one padded sequence per document")
     length = p.add_mutually_exclusive_group()
     length.add_argument("--max-steps", type=int, help="optimizer steps (overrides --epochs)")
-    length.add_argument("--epochs", type=float, default=1.0)
+    length.add_argument("--epochs", type=float, default=_default("epochs"))
     p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=_default("seed"))
 
-    p.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (0: never)")
-    p.add_argument("--keep-checkpoints", type=int, default=2)
-    p.add_argument("--eval-every", type=int, default=0, help="validate every N steps (0: at the end)")
+    p.add_argument(
+        "--save-every", type=int, default=_default("save_every"), help="checkpoint every N steps (0: never)"
+    )
+    p.add_argument("--keep-checkpoints", type=int, default=_default("keep_checkpoints"))
+    p.add_argument(
+        "--eval-every",
+        type=int,
+        default=_default("eval_every"),
+        help="validate every N steps (0: at the end)",
+    )
     p.add_argument("--resume", action="store_true", help="continue the run in --output from its checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace a previous run in --output")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -79,13 +175,20 @@ def config_from_args(args: argparse.Namespace):
         target_avg_k=args.target_avg_k,
         controller_kp=args.controller_kp,
         controller_ki=args.controller_ki,
+        controller_smoothing=args.controller_smoothing,
+        beta_init=args.beta_init,
+        settle=args.settle,
+        calibrate=not args.no_calibrate,
+        calibration_tokens=args.calibration_tokens,
+        start_avg_k=args.start_avg_k,
+        router_term_lr_ratio=args.router_term_lr_ratio,
         objective=args.objective,
         distill_weight=args.distill_weight,
         train=args.train,
         lora_rank=args.lora_rank,
         lora_alpha=args.lora_alpha,
         balance_coef=args.balance_coef,
-        beam={"threshold": args.threshold},
+        beam={"threshold": args.threshold, "head": args.head},
         dtype=args.dtype,
         lr=args.lr,
         model_lr=args.model_lr,
