@@ -25,9 +25,12 @@ def randomize_heads(model: nn.Module, seed: int, std: float = 0.2) -> None:
 
 
 def masked_reference(base: nn.Module, heads: dict[str, torch.Tensor], threshold: float = 0.5) -> list:
-    """Hook `base`'s routers so that its own experts implementation gets weights g * keep, ids unchanged.
+    """Hook `base`'s routers so that its own experts implementation gets weights g * keep, ids
+    unchanged, independently of beam_moe's routing; returns the hook handles.
 
-    `heads` maps block names to mask head weights [E, H]. Returns the hook handles.
+    `heads` maps block names to mask head weights [E, H] (the paper's head, z = x · W_m). The
+    weights are g * (keep + s - s.detach()) with s = sigmoid(z[ids]): exactly g * keep in the
+    forward pass, and the paper's straight-through gradient to `heads` (leaf tensors) backward.
     """
     family = family_for(base)
     handles = []
@@ -38,32 +41,7 @@ def masked_reference(base: nn.Module, heads: dict[str, torch.Tensor], threshold:
             x = args[0].reshape(-1, weight.shape[1]).float()
             _, at_weights, at_ids = family.router_outputs
             g, ids = output[at_weights], output[at_ids]
-            z = (x @ weight.float().T).gather(1, ids)
-            keep = torch.sigmoid(z) >= threshold
-            masked = list(output)
-            masked[at_weights] = g * keep.to(g.dtype)
-            return tuple(masked)
-
-        handles.append(family.router(block).register_forward_hook(hook))
-    return handles
-
-
-def straight_through_reference(base, heads, threshold=0.5):
-    """Hook `base`'s routers with the paper's straight-through mask on leaf head weights [E, H].
-
-    Weights g * (keep + s - s.detach()) with s = sigmoid(z[ids]), independently of beam_moe's
-    routing, so that a gradient to `heads` is what BEAM's heads should get. Returns the hook handles.
-    """
-    family = family_for(base)
-    handles = []
-    for name, block in family.find_blocks(base):
-        weight = heads[name]
-
-        def hook(module, args, output, weight=weight):
-            x = args[0].reshape(-1, weight.shape[1]).float()
-            _, at_weights, at_ids = family.router_outputs
-            g, ids = output[at_weights], output[at_ids]
-            soft = torch.sigmoid((x @ weight.T).gather(1, ids))
+            soft = torch.sigmoid((x @ weight.float().T).gather(1, ids))
             hard = (soft >= threshold).float() + soft - soft.detach()
             masked = list(output)
             masked[at_weights] = g * hard.to(g.dtype)

@@ -18,7 +18,7 @@ from beam_moe import (
 )
 from beam_moe.tiny_models import tiny_config, tiny_model
 from conftest import token_batch
-from masking import masked_reference, randomize_heads, straight_through_reference
+from masking import masked_reference, randomize_heads
 
 
 def heads_of(model):
@@ -112,7 +112,7 @@ def test_task_loss_gradient_reaches_every_mask_head(family, backend, monkeypatch
     model = attach(copy.deepcopy(reference), BeamConfig(backend=backend)).train()
     randomize_heads(model, seed=3, std=0.5)
     heads = {name: w.clone().requires_grad_() for name, w in heads_of(model).items()}
-    handles = straight_through_reference(reference, heads)
+    handles = masked_reference(reference, heads)
     tokens = token_batch(seed=2)
     torch.manual_seed(0)  # Phi-MoE samples its routing in training mode
     model(tokens, labels=tokens).loss.backward()

@@ -12,7 +12,7 @@ from beam_moe.train import TrainConfig, Trainer, train
 from beam_moe.train.checkpointing import checkpoint_dirs
 from beam_moe.train.data import IGNORE
 from conftest import token_batch
-from masking import randomize_heads, straight_through_reference
+from masking import masked_reference, randomize_heads
 from training import TOP4, model_dir, pretrained_model_dir, sentences, write_text_jsonl
 
 TOLERANCE = 0.10  # the issue's ±10% of the target Avg-K
@@ -162,7 +162,7 @@ def test_task_loss_gradient_reaches_the_heads_in_the_loop(workdir, checkpointing
     assert 0 < stats["avg_k"] < 4, "some slots masked, some kept"
 
     base = load_base_model(workdir / "model").train()
-    handles = straight_through_reference(base, heads)
+    handles = masked_reference(base, heads)
     (index,) = trainer.schedule.micro_batches(0, 0)
     batch = trainer.data.train.batch(index)
     logits = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
