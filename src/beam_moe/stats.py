@@ -89,23 +89,22 @@ class BeamStats:
     def computed_rows(self) -> int:
         return sum(self._int(v) for v in self._rows)
 
-    @property
-    def per_layer(self) -> dict[str, float]:
-        """Avg-K of each MoE layer, by the layer's qualified name."""
+    def _per_token(self, counts: list[Tensor | int]) -> dict[str, float]:
         return {
-            name: self._int(kept) / tokens
-            for name, kept, tokens in zip(self.layer_names, self._kept, self._tokens, strict=True)
+            name: self._int(count) / tokens
+            for name, count, tokens in zip(self.layer_names, counts, self._tokens, strict=True)
             if tokens
         }
 
     @property
+    def per_layer(self) -> dict[str, float]:
+        """Avg-K of each MoE layer, by the layer's qualified name."""
+        return self._per_token(self._kept)
+
+    @property
     def zero_kept(self) -> dict[str, float]:
         """Fraction of each MoE layer's tokens that kept no routed expert, by the layer's name."""
-        return {
-            name: self._int(zero) / tokens
-            for name, zero, tokens in zip(self.layer_names, self._zero, self._tokens, strict=True)
-            if tokens
-        }
+        return self._per_token(self._zero)
 
     @property
     def backends(self) -> dict[str, dict[str, int]]:
