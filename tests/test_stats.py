@@ -73,3 +73,23 @@ def test_a_triton_fallback_to_grouped_shows_in_the_stats(family, ran, monkeypatc
         model(token_batch(length=5))
     assert stats.backends == {name: {ran: 1} for name in stats.layer_names}
     assert stats.computed_rows == stats.kept_pairs
+
+
+def test_zero_kept_counts_the_tokens_that_keep_no_routed_expert():
+    """A policy that keeps nothing for every third token and one slot for the others."""
+    from beam_moe import set_routing_policy
+
+    model = attach(tiny_model("qwen3_moe"))
+
+    def policy(hidden, logits, weights, ids):
+        keep = torch.zeros_like(ids, dtype=torch.bool)
+        keep[:, 0] = True
+        keep[::3] = False
+        return keep
+
+    set_routing_policy(model, policy)
+    with torch.no_grad(), beam_stats(model) as stats:
+        model(token_batch(batch=1, length=12))
+    assert stats.zero_kept == {"model.layers.0.mlp": 4 / 12, "model.layers.1.mlp": 4 / 12}
+    assert stats.avg_k == pytest.approx(8 / 12)
+    assert stats.to_dict()["zero_kept"] == stats.zero_kept
