@@ -120,8 +120,13 @@ class Evaluations:
 
 def interpolate(curve: list[tuple[float, float]], avg_k: float) -> float | None:
     """Perplexity at `avg_k` from (Avg-K, ppl) points, linear in log-perplexity between the two
-    neighbours; None outside the measured range."""
+    neighbours; None outside the measured range, except just below the lowest point (within the
+    bracket), where the lowest point is used: a baseline that cannot go lower (Top-P and threshold
+    skipping keep at least one expert) is then compared with more experts than BEAM keeps, which
+    can only favour the baseline."""
     curve = sorted(curve)
+    if curve and curve[0][0] * (1 - BRACKET) <= avg_k < curve[0][0]:
+        return curve[0][1]
     if not curve or not curve[0][0] <= avg_k <= curve[-1][0]:
         return None
     for (k0, p0), (k1, p1) in itertools.pairwise(curve):
