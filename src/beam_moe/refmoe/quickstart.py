@@ -253,6 +253,16 @@ def speed_markdown(speed: dict[str, Any] | None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _landing(final: dict[str, Any]) -> str:
+    """Where the budget controller left Avg-K and the threshold that put it on the target."""
+    if "threshold" not in final:
+        return ""
+    return (
+        f" The budget controller left Avg-K at {final['calibration_avg_k_before']:.2f} on the calibration "
+        f"text; the serve-time threshold {final['threshold']:.3f} puts it at {final['calibration_avg_k']:.2f}."
+    )
+
+
 def report_markdown(document: dict[str, Any]) -> str:
     """report.md: what ran, the table, the goals, the speed, the plots."""
     config, comp, training = document["config"], document["comparison"], document["training"]
@@ -266,8 +276,10 @@ BEAM mask heads trained on the packaged reference MoE (Qwen3-MoE architecture, 4
 never trained on), in windows of {document["evaluation"]["max_length"]} tokens.
 
 Training: {training["steps"]} steps of {recipe["batch_size"]} x {recipe["max_length"]} tokens,
-objective `{recipe["objective"]}`, trained: `{recipe["train"]}`, head learning rate {recipe["lr"]},
-{training["seconds"]:.0f} s. Baselines are training-free routing policies calibrated to BEAM's
+objective `{recipe["objective"]}`, trained: `{recipe["train"]}`, `{recipe["head"]}` mask head{
+        " (started as threshold skipping at the target)" if recipe["head"] == "router" else ""
+    }, head learning rate {recipe["lr"]}, {training["seconds"]:.0f} s.{_landing(training["final"])}
+Baselines are training-free routing policies calibrated to BEAM's
 measured Avg-K on the same text (Top-K pruning is interpolated between whole numbers of experts).
 BEAM's measured Avg-K on the held-out text is {comp["avg_k"]:.2f} (target {config["target_avg_k"]}){
         ""
