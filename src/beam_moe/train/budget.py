@@ -268,6 +268,10 @@ def calibrate_threshold(model: nn.Module, batches: Sequence[dict[str, Tensor]], 
         return measure_avg_k(model, batches)
 
     limit = math.log((1 - 1e-6) / 1e-6)
-    logit, _ = bisect_knob(avg_k_at, -limit, limit, target, increasing=False)
+    now = math.log(config.threshold / (1.0 - config.threshold))
+    low, high = max(now - 1.0, -limit), min(now + 1.0, limit)  # the threshold is usually near already
+    if not avg_k_at(low) >= target >= avg_k_at(high):
+        low, high = -limit, limit
+    logit, _ = bisect_knob(avg_k_at, low, high, target, increasing=False)
     config.threshold = 1.0 / (1.0 + math.exp(-logit))
     return config.threshold
