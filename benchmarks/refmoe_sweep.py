@@ -300,6 +300,8 @@ def evaluate(
             runs = []
             for seed in head_seeds:
                 path = adapter_dir(args.runs, head, budget, seed)
+                if head != args.head and not (path / "beam_adapter.safetensors").is_file():
+                    continue  # the paper's head was not trained at every budget
                 extra = read_adapter_config(path).get("extra", {})
                 runs.append(
                     {
@@ -309,7 +311,8 @@ def evaluate(
                         "training": extra.get("final", {}),
                     }
                 )
-            rows.append({"head": head, "target": budget, "runs": runs})
+            if runs:
+                rows.append({"head": head, "target": budget, "runs": runs})
 
     # "Train once, serve at any budget": the serve-from adapters at every budget
     one_adapter: list[dict[str, Any]] = []
