@@ -54,7 +54,7 @@ NAMES = {
 WINDOW = 256
 BRACKET = 0.05  # baselines are measured at Avg-K within +-5% around each budget (then interpolated)
 CALIBRATION_TOKENS = 4096  # held-out tokens a baseline's parameter is calibrated on (then measured on all)
-CALIBRATION_SLICE = 16384  # held-out tokens, disjoint from the evaluation, on which BEAM's threshold is set
+CALIBRATION_SLICE = 8192  # held-out tokens, disjoint from the evaluation, on which BEAM's threshold is set
 WITHIN_BASE = 0.005  # where every method is within 0.5% of the base model, that is enough
 
 
@@ -271,7 +271,7 @@ def evaluate(
         load_beam(model, path)
         as_trained = get_attachment(model).config.threshold
         avg_k_as_trained = measure_avg_k(model, batches)
-        threshold = calibrate_threshold(model, batches, budget)
+        threshold = calibrate_threshold(model, batches, budget, tolerance=0.01)
 
         def compute():
             load_beam(model, path)
@@ -330,7 +330,7 @@ def evaluate(
 
     def measure_around(name: str, centres: list[float]) -> None:
         targets = sorted(
-            {round(c * f, 4) for c in centres for f in (1 - BRACKET, 1.0, 1 + BRACKET) if 0 < c * f <= top_k}
+            {round(c * f, 4) for c in centres for f in (1 - BRACKET, 1 + BRACKET) if 0 < c * f <= top_k}
         )
         if name == "top_k":
             values = {float(k) for t in targets for k in (math.floor(t), math.ceil(t))}

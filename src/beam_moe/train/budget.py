@@ -256,8 +256,11 @@ def _feature_quantile(model: nn.Module, batches: Sequence[dict[str, Tensor]], ta
     return float(everything[min(int(keep_share * everything.numel()), everything.numel() - 1)])
 
 
-def calibrate_threshold(model: nn.Module, batches: Sequence[dict[str, Tensor]], target: float) -> float:
-    """Set the attached config's serve-time threshold so that Avg-K on `batches` is `target`; returns it.
+def calibrate_threshold(
+    model: nn.Module, batches: Sequence[dict[str, Tensor]], target: float, tolerance: float = 0.005
+) -> float:
+    """Set the attached config's serve-time threshold so that Avg-K on `batches` is `target` (within
+    `tolerance` x max(target, 1)); returns it.
 
     The threshold is searched in logit space (sigmoid(z) >= t <=> z >= logit(t)) over (1e-6, 1 - 1e-6).
     """
@@ -272,6 +275,6 @@ def calibrate_threshold(model: nn.Module, batches: Sequence[dict[str, Tensor]], 
     low, high = max(now - 1.0, -limit), min(now + 1.0, limit)  # the threshold is usually near already
     if not avg_k_at(low) >= target >= avg_k_at(high):
         low, high = -limit, limit
-    logit, _ = bisect_knob(avg_k_at, low, high, target, increasing=False)
+    logit, _ = bisect_knob(avg_k_at, low, high, target, increasing=False, tolerance=tolerance)
     config.threshold = 1.0 / (1.0 + math.exp(-logit))
     return config.threshold
