@@ -28,7 +28,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from refmoe_sweep import (  # noqa: E402
+from refmoe_sweep import (
     CALIBRATION_SLICE,
     NAMES,
     OUT,
@@ -154,7 +154,9 @@ def evaluate(args: argparse.Namespace, adapters: dict[str, Path]) -> dict[str, A
             if setting != "as trained":
                 calibrate_threshold(model, batches, TARGET, tolerance=0.01)
             threshold = get_attachment(model).config.threshold
-            result = perplexity(model, tokenizer, texts, max_length=WINDOW, batch_size=8, max_tokens=eval_tokens)
+            result = perplexity(
+                model, tokenizer, texts, max_length=WINDOW, batch_size=8, max_tokens=eval_tokens
+            )
             rows.append(
                 {
                     "run": label,
