@@ -9,7 +9,17 @@ budget (beta or an Avg-K target), trainable (what trains), loop (the steps), che
 (resume exactly), metrics (logs), output (the finished folder and rebuilding from it).
 """
 
+from beam_moe.train.budget import BudgetController, calibrate_router_heads, calibrate_threshold, measure_avg_k
 from beam_moe.train.config import TrainConfig
 from beam_moe.train.loop import Trainer, TrainResult, train
 
-__all__ = ["TrainConfig", "TrainResult", "Trainer", "train"]
+__all__ = [
+    "BudgetController",
+    "TrainConfig",
+    "TrainResult",
+    "Trainer",
+    "calibrate_router_heads",
+    "calibrate_threshold",
+    "measure_avg_k",
+    "train",
+]
