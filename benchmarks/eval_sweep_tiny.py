@@ -7,7 +7,7 @@ masks at matched Avg-K) and `analyze_routing` on the shipped held-out text. Minu
 run it under the CPU lock on a shared machine:
 
     python scripts/build_eval_tasks.py --train-out /tmp/wiki_train.jsonl
-    flock /work/locks/cpu.lock python benchmarks/eval_sweep_tiny.py --train-text /tmp/wiki_train.jsonl
+    python benchmarks/eval_sweep_tiny.py --train-text /tmp/wiki_train.jsonl
 
 Writes benchmarks/results/eval_sweep_tiny/ (sweep.json, sweep.md, sweep.png, analysis/).
 This is a tiny model trained for a few minutes: the numbers show that the tools measure what they

@@ -2,7 +2,7 @@
 backend and per transformers implementation, interleaved (medians in ms). Decides the CPU strategy
 threshold; see benchmarks/NOTES-kernels.md.
 
-    flock /work/locks/cpu.lock .venv/bin/python benchmarks/experts_strategies.py --tokens 1,8,64,512
+    .venv/bin/python benchmarks/experts_strategies.py --tokens 1,8,64,512
 """
 
 from __future__ import annotations

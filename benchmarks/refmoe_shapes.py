@@ -6,7 +6,7 @@ fp32 against bf16 autocast, and a few shapes (hidden size, layers, expert size, 
 Median and best (minimum step time) over repeats: on a shared machine the best is the closest to an
 idle machine's speed. The machine is described in the JSON. Run it under the CPU lock:
 
-    flock /work/locks/cpu.lock .venv/bin/python benchmarks/refmoe_shapes.py
+    .venv/bin/python benchmarks/refmoe_shapes.py
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reproduce the CPU result files in benchmarks/results/: the layer benchmark (qwen3-30b-a3b,
 # Avg-K 1.23, 1/8/64/512 tokens) and generation on a 4-layer real-size test model. On a shared
-# machine run it under the lock: flock /work/locks/cpu.lock benchmarks/run_cpu.sh
+# machine run it with nothing else on the CPU: benchmarks/run_cpu.sh
 #   THREADS  torch CPU threads (default 2, the machine's cores)
 #   TAG      result file suffix (default cpu-${THREADS}t)
 #   MODEL    where the test model is built, once (default /tmp/beam-bench-qwen3-30b-a3b-4l)

@@ -16,7 +16,7 @@ only) and `beam-grouped` (the plugin with beam-moe's grouped backend). The memor
 decode step (bytes of the weights it must read / the copy bandwidth measured here) is reported next
 to TPOT. Run it alone:
 
-    flock /work/locks/cpu.lock .venv/bin/python benchmarks/serving_vllm.py
+    .venv/bin/python benchmarks/serving_vllm.py
 """
 
 from __future__ import annotations
@@ -275,7 +275,7 @@ def main() -> None:
     document = {
         "benchmark": "vLLM serving, BEAM vs base (benchmarks/serving_vllm.py)",
         "command": " ".join(
-            ["flock /work/locks/cpu.lock .venv/bin/python benchmarks/serving_vllm.py", *cli_options(args)]
+            [".venv/bin/python benchmarks/serving_vllm.py", *cli_options(args)]
         ),
         "machine": machine(),
         "model": {

@@ -6,7 +6,7 @@ byte tokenizer) in a fresh subprocess per run, alternating the modes, and record
   over repeats; and the ratio mask / full measured side by side;
 - peak memory: the subprocess's peak resident set (CPU) or torch.cuda.max_memory_allocated (GPU).
 
-    flock /work/locks/cpu.lock .venv/bin/python benchmarks/train_throughput.py
+    .venv/bin/python benchmarks/train_throughput.py
 writes benchmarks/results/train_throughput.json.
 """
 
@@ -148,7 +148,7 @@ def main() -> None:
     ratios = [m["tokens_per_s"] / f["tokens_per_s"] for m, f in zip(runs["mask"], runs["full"], strict=True)]
     report = {
         "benchmark": "train_throughput",
-        "command": "flock /work/locks/cpu.lock .venv/bin/python benchmarks/train_throughput.py",
+        "command": ".venv/bin/python benchmarks/train_throughput.py",
         "model": {"model_type": "qwen3_moe", **MODEL, "vocab_size": 261},
         "settings": {k: getattr(args, k) for k in ("repeats", "steps", "warmup", "batch_size", "max_length")},
         "machine": machine(),
