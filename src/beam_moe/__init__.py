@@ -20,6 +20,7 @@ from beam_moe.attach import (
 from beam_moe.checkpoint import load_beam, read_adapter_config, save_beam
 from beam_moe.config import BeamConfig
 from beam_moe.errors import BeamError
+from beam_moe.loading import load_beam_model
 from beam_moe.mask import MaskHead
 from beam_moe.merged import from_pretrained
 from beam_moe.routing import MaskedRouting, RoutingPolicy, apply_keep, apply_mask, to_sentinel
@@ -45,6 +46,7 @@ __all__ = [
     "is_attached",
     "last_avg_k",
     "load_beam",
+    "load_beam_model",
     "mask_parameters",
     "mask_regularizer",
     "read_adapter_config",
