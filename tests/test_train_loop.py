@@ -5,8 +5,16 @@ import json
 import pytest
 import torch
 
-from beam_moe import BeamError, attach, get_attachment, load_beam, mask_parameters, mask_regularizer
-from beam_moe.loading import load_base_model, load_beam_model
+from beam_moe import (
+    BeamError,
+    attach,
+    get_attachment,
+    load_beam,
+    load_beam_model,  # the README's entry point
+    mask_parameters,
+    mask_regularizer,
+)
+from beam_moe.loading import load_base_model
 from beam_moe.tiny_models import tiny_model
 from beam_moe.train import TrainConfig, Trainer, train
 from beam_moe.train.checkpointing import checkpoint_dirs
