@@ -38,7 +38,7 @@ BASELINE_NAMES = ("top_k", "top_p", "threshold")
 
 @dataclass
 class QuickstartConfig:
-    """What the quickstart does; the defaults take 5-7 minutes on 2 CPU cores."""
+    """What the quickstart does; the defaults take about 9 minutes on 2 idle CPU cores."""
 
     output: str = "beam-quickstart"
     target_avg_k: float = 1.5
