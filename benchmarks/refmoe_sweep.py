@@ -300,8 +300,8 @@ def evaluate(
             runs = []
             for seed in head_seeds:
                 path = adapter_dir(args.runs, head, budget, seed)
-                if head != args.head and not (path / "beam_adapter.safetensors").is_file():
-                    continue  # the paper's head was not trained at every budget
+                if not (path / "beam_adapter.safetensors").is_file():
+                    continue  # not trained at this budget and seed (the table lists the seeds)
                 extra = read_adapter_config(path).get("extra", {})
                 runs.append(
                     {
@@ -471,10 +471,10 @@ def markdown(document: dict[str, Any]) -> str:
         lines += [
             f"### {title}",
             "",
-            "| head | target | Avg-K | BEAM | "
+            "| head | target | seeds | Avg-K | BEAM | "
             + " | ".join(NAMES[n] for n in BASELINES)
             + " | BEAM vs base | BEAM best? |",
-            "|---|---:|---:|---:|" + "---:|" * len(BASELINES) + "---:|---|",
+            "|---|---:|---:|---:|---:|" + "---:|" * len(BASELINES) + "---:|---|",
         ]
         for c in comparisons:
             cells = []
@@ -486,7 +486,7 @@ def markdown(document: dict[str, Any]) -> str:
                     text = f"{entry['ppl']:.3f}"
                     cells.append(f"**{text}**" if entry["beam_better_by_2se"] else text)
             lines.append(
-                f"| {c['head']} | {c['target']:g} | {_pm(c['avg_k'], 2)} | {_pm(c['beam_ppl'])} | "
+                f"| {c['head']} | {c['target']:g} | {len(c['seeds'])} | {_pm(c['avg_k'], 2)} | {_pm(c['beam_ppl'])} | "
                 + " | ".join(cells)
                 + f" | {c['vs_base']:+.1%} | {'yes' if c['beam_best_at_equal_avg_k'] else 'no'} |"
             )

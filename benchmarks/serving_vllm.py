@@ -274,9 +274,7 @@ def main() -> None:
             }
     document = {
         "benchmark": "vLLM serving, BEAM vs base (benchmarks/serving_vllm.py)",
-        "command": " ".join(
-            [".venv/bin/python benchmarks/serving_vllm.py", *cli_options(args)]
-        ),
+        "command": " ".join([".venv/bin/python benchmarks/serving_vllm.py", *cli_options(args)]),
         "machine": machine(),
         "model": {
             "preset": PRESET,
