@@ -104,13 +104,18 @@ class Evaluations:
         self.path = path
         self.eval_tokens = eval_tokens
         self.cache: dict[str, dict[str, Any]] = {}
-        if path.is_file():
-            for line in path.read_text().splitlines():
+        self._read()
+
+    def _read(self) -> None:
+        if self.path.is_file():
+            for line in self.path.read_text().splitlines():
                 entry = json.loads(line)
-                if entry["eval_tokens"] == eval_tokens:
+                if entry["eval_tokens"] == self.eval_tokens:
                     self.cache[entry["key"]] = entry["result"]
 
     def get(self, key: str, compute) -> dict[str, Any]:
+        if key not in self.cache:
+            self._read()  # another piece of the sweep, running beside this one, may have written it
         if key not in self.cache:
             started = time.perf_counter()
             result = compute()
