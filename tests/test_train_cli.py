@@ -141,3 +141,32 @@ def test_a_finished_run_is_kept_unless_overwrite(files, capsys):
     assert main(args(files, "other", "--beta", "0.1", "--overwrite")) == 2
     assert "not a beam-moe training output" in capsys.readouterr().err
     assert (files / "other" / "notes.txt").read_text() == "mine"
+
+
+def test_repeated_data_options_add_up(files):
+    """`--data a --data b c` trains on all three files, not only the last option's."""
+    from beam_moe.cli import build_parser
+    from beam_moe.cli.train import config_from_args
+
+    a, b, c = (str(files / name) for name in ("text.jsonl", "chat.jsonl", "more.jsonl"))
+    argv = [
+        "train",
+        "--beta",
+        "0.1",
+        "--model",
+        "m",
+        "--output",
+        "o",
+        "--data",
+        a,
+        "--data",
+        b,
+        c,
+        "--val-data",
+        a,
+        "--val-data",
+        b,
+    ]
+    config = config_from_args(build_parser().parse_args(argv))
+    assert list(config.data) == [a, b, c]
+    assert list(config.val_data) == [a, b]

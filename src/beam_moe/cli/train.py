@@ -26,9 +26,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "The output folder is a BEAM adapter plus training_args.json and metrics.jsonl.",
     )
     p.add_argument("--model", required=True, help="model folder, or a Hub id when online")
-    p.add_argument("--data", required=True, nargs="+", help=".jsonl (text or messages), .txt, or folders")
+    p.add_argument(
+        "--data",
+        required=True,
+        nargs="+",
+        action="extend",
+        help=".jsonl (text or messages), .txt, or folders; repeatable",
+    )
     p.add_argument("--output", required=True, help="output folder (a BEAM adapter when finished)")
-    p.add_argument("--val-data", nargs="+", help="validation data (default: hold out --val-fraction)")
+    p.add_argument(
+        "--val-data",
+        nargs="+",
+        action="extend",
+        help="validation data (default: hold out --val-fraction); repeatable",
+    )
     p.add_argument(
         "--val-fraction",
         type=float,
