@@ -516,21 +516,39 @@ def markdown(document: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _margin_to_best(c: dict[str, Any], basis: str) -> tuple[float, float] | None:
+    """BEAM's perplexity against the best baseline's at the same Avg-K (or FLOPs), in percent, and
+    two standard errors of the paired difference."""
+    entries = [v[basis] for v in c["baselines"].values() if v.get(basis)]
+    if not entries:
+        return None
+    best = min(entries, key=lambda e: e["ppl"])
+    diff, se = best["beam_minus_baseline"]
+    return 100 * diff / best["ppl"], 0.0 if math.isnan(se) else 200 * se / best["ppl"]
+
+
 def plot(document: dict[str, Any], path: Path) -> None:
+    """Left: every curve (the random mask mostly runs off the top). Right: BEAM against the best
+    baseline at each point, with two standard errors: below zero, BEAM is better."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
-    figure, axes = plt.subplots(figsize=(8, 5.5))
+    figure, (axes, margin) = plt.subplots(1, 2, figsize=(13, 5.5), width_ratios=(3, 2))
     colors = {"top_k": "#7f7f7f", "top_p": "#2ca02c", "threshold": "#ff7f0e", "random": "#bcbd22"}
+    shown = [r["ppl"] for row in document["rows"] for r in row["runs"]]
     for name, points in document["baseline_curves"].items():
         curve = sorted((p["avg_k"], p["ppl"]) for p in points)
         if curve:
             axes.plot(
                 *zip(*curve, strict=True), marker=".", color=colors[name], label=NAMES[name], linewidth=1
             )
-    for head, marker, color in (("router", "o", "#d62728"), ("linear", "s", "#9467bd")):
+            if name != "random":
+                shown += [ppl for k, ppl in curve if k >= 1]
+    markers = {"router": ("o", "#d62728"), "linear": ("s", "#9467bd")}
+    for head, (marker, color) in markers.items():
         cs = [c for c in document["comparisons"] if c["head"] == head]
         if cs:
             axes.errorbar(
@@ -543,6 +561,7 @@ def plot(document: dict[str, Any], path: Path) -> None:
                 capsize=3,
             )
     one = document["one_adapter"]["comparisons"]
+    trained_at = document["one_adapter"]["rows"][0]["trained_at"] if one else None
     if one:
         axes.plot(
             [c["avg_k"][0] for c in one],
@@ -550,17 +569,57 @@ def plot(document: dict[str, Any], path: Path) -> None:
             linestyle="--",
             marker="x",
             color="#d62728",
-            label=f"BEAM, one adapter (trained at {document['one_adapter']['rows'][0]['trained_at']:g}) for every budget",
+            label=f"BEAM, one adapter (trained at {trained_at:g}) for every budget",
         )
-    axes.axhline(
-        document["base"]["ppl"], color="black", linewidth=1, linestyle=":", label="base model (Top-8)"
-    )
+    base = document["base"]["ppl"]
+    axes.axhline(base, color="black", linewidth=1, linestyle=":", label="base model (Top-8)")
     axes.set_yscale("log")
+    axes.set_ylim(base * 0.97, max(shown) * 1.15)
+    axes.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    axes.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    axes.set_yticks(
+        [t for t in (60, 70, 80, 90, 100, 120, 150, 200, 300) if base * 0.97 <= t <= max(shown) * 1.15]
+    )
     axes.set_xlabel("Avg-K: routed experts computed per token (of Top-8)")
     axes.set_ylabel("held-out perplexity (log scale; lower is better)")
     axes.set_title("Reference MoE: BEAM against training-free routing")
     axes.grid(True, which="both", alpha=0.3)
     axes.legend(fontsize=8)
+
+    series = [
+        (document["comparisons"], "router", "equal_avg_k", "o", "router head, equal Avg-K"),
+        (document["comparisons"], "router", "equal_flops", "^", "router head, equal MoE FLOPs"),
+        (document["comparisons"], "linear", "equal_avg_k", "s", "paper's linear head, equal Avg-K"),
+        (one, "router", "equal_avg_k", "x", f"one adapter (trained at {trained_at:g}), equal Avg-K"),
+    ]
+    for offset, (comparisons, head, basis, marker, label) in enumerate(series):
+        points = [
+            (c["avg_k"][0] * (1 + 0.02 * (offset - 1.5)), m)
+            for c in comparisons
+            if c["head"] == head and (m := _margin_to_best(c, basis)) is not None
+        ]
+        if points:
+            margin.errorbar(
+                [x for x, _ in points],
+                [m[0] for _, m in points],
+                yerr=[m[1] for _, m in points],
+                fmt=marker,
+                color=markers[head][1] if basis == "equal_avg_k" or head != "router" else "#1f77b4",
+                label=label,
+                capsize=3,
+            )
+    margin.axhline(0, color="black", linewidth=1)
+    margin.set_xscale("log")
+    margin.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    margin.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    margin.set_xticks(
+        [t for t in (0.5, 1, 1.5, 2, 4, 6) if margin.get_xlim()[0] <= t <= margin.get_xlim()[1]]
+    )
+    margin.set_xlabel("BEAM's Avg-K (log scale)")
+    margin.set_ylabel("BEAM vs the best baseline, % perplexity (± 2 SE)")
+    margin.set_title("Below zero: BEAM beats every baseline")
+    margin.grid(True, which="both", alpha=0.3)
+    margin.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
