@@ -6,11 +6,13 @@ curves read from its sweep.json):
 
 - **Mask-training tokens.** The router-aware head at target Avg-K 1.5, seed 0, trained for
   `--steps` (125, 250, 500 by default: 0.26 M, 0.51 M, 1.02 M tokens); 250 is the sweep's run.
+- **Head.** The paper's linear head from the sweep (same recipe, seed 0), where it was trained.
 - **Controller or capacity.** The same head trained with beta fixed at the value the controller
   settled on at target 1.5 (no controller; `--fixed-beta`, read from the sweep's seed-0 adapter by
   default), started at the same threshold, evaluated at its own Avg-K and at 1.5.
 
     python benchmarks/refmoe_diagnosis.py          # after benchmarks/refmoe_sweep.py
+    python benchmarks/refmoe_diagnosis.py --no-fixed-beta   # training length and head only
 
 Adapters go to runs/refmoe_diagnosis/ (finished ones are reused). Writes
 benchmarks/results/refmoe_diagnosis/: diagnosis.json and diagnosis.md.
@@ -45,7 +47,7 @@ DIAG_OUT = ROOT / "benchmarks" / "results" / "refmoe_diagnosis"
 TARGET = 1.5
 
 
-def train_runs(steps: list[int], fixed_beta: float, runs: Path) -> dict[str, Path]:
+def train_runs(steps: list[int], fixed_beta: float | None, runs: Path) -> dict[str, Path]:
     from beam_moe.refmoe import reference_model_path
     from beam_moe.refmoe.experiment import Recipe, train_mask_heads, write_training_text
     from beam_moe.train import TrainConfig, train
@@ -62,6 +64,8 @@ def train_runs(steps: list[int], fixed_beta: float, runs: Path) -> dict[str, Pat
                 train_mask_heads(TARGET, path, Recipe(steps=n), text, progress=True)
                 print(f"{path.name}: trained in {time.perf_counter() - started:.0f} s", flush=True)
             out[f"steps {n}"] = path
+        if fixed_beta is None:
+            return out
         path = runs / f"fixed_beta{fixed_beta:.4g}"
         if not (path / "beam_adapter.safetensors").is_file():
             train(
@@ -92,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", default="125,250,500")
     parser.add_argument("--fixed-beta", type=float, help="default: the sweep's seed-0 controller at 1.5")
+    parser.add_argument("--no-fixed-beta", action="store_true", help="only the training-length runs")
     parser.add_argument("--sweep", type=Path, default=OUT / "sweep.json")
     parser.add_argument("--runs", type=Path, default=DIAG_RUNS)
     parser.add_argument("--out", type=Path, default=DIAG_OUT)
@@ -103,12 +108,17 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     steps = [int(s) for s in args.steps.split(",") if s.strip()]
-    if args.fixed_beta is None:
+    if args.no_fixed_beta:
+        args.fixed_beta = None
+    elif args.fixed_beta is None:
         config = json.loads((adapter_dir(RUNS, "router", TARGET, 0) / "beam_config.json").read_text())
         args.fixed_beta = float(config["extra"]["final"]["beta"])
     args.runs.mkdir(parents=True, exist_ok=True)
     adapters = {"steps 250": adapter_dir(RUNS, "router", TARGET, 0)} if 250 in steps else {}
     adapters |= train_runs([n for n in steps if n != 250], args.fixed_beta, args.runs)
+    paper_head = adapter_dir(RUNS, "linear", TARGET, 0)
+    if (paper_head / "beam_adapter.safetensors").is_file():
+        adapters["paper's linear head, 250 steps"] = paper_head
     if args.stage == "train":
         return 0
     document = evaluate(args, adapters)
