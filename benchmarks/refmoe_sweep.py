@@ -609,6 +609,13 @@ def plot(document: dict[str, Any], path: Path) -> None:
                 capsize=3,
             )
     margin.axhline(0, color="black", linewidth=1)
+    margin.set_yscale("symlog", linthresh=2)
+    low, high = margin.get_ylim()
+    margin.set_ylim(low * 1.3, max(high * 1.3, 2))
+    margin.set_yticks(
+        [t for t in (-50, -20, -10, -5, -2, -1, 0, 1, 2, 5, 10) if low * 1.3 <= t <= max(high * 1.3, 2)]
+    )
+    margin.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
     margin.set_xscale("log")
     margin.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
     margin.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
@@ -616,7 +623,7 @@ def plot(document: dict[str, Any], path: Path) -> None:
         [t for t in (0.5, 1, 1.5, 2, 4, 6) if margin.get_xlim()[0] <= t <= margin.get_xlim()[1]]
     )
     margin.set_xlabel("BEAM's Avg-K (log scale)")
-    margin.set_ylabel("BEAM vs the best baseline, % perplexity (± 2 SE)")
+    margin.set_ylabel("BEAM vs the best baseline, % perplexity (± 2 SE; symlog)")
     margin.set_title("Below zero: BEAM beats every baseline")
     margin.grid(True, which="both", alpha=0.3)
     margin.legend(fontsize=8)
