@@ -184,16 +184,31 @@ def bisect_knob(
     increasing: bool,
     steps: int = 14,
     tolerance: float = 0.005,
+    near: tuple[float, float] | None = None,
 ) -> tuple[float, float]:
     """The knob value in [low, high] whose Avg-K is closest to `target` (bisection; Avg-K is monotone
-    in the knob, `increasing` saying which way). Returns (value, its Avg-K)."""
-    tried = [(low, avg_k_at(low)), (high, avg_k_at(high))]
+    in the knob, `increasing` saying which way). Returns (value, its Avg-K).
+
+    `near`: a narrower bracket tried first, used when it holds the target (a good guess saves
+    steps). Each knob value is measured once."""
+    measured: dict[float, float] = {}
+
+    def at(knob: float) -> float:
+        if knob not in measured:
+            measured[knob] = avg_k_at(knob)
+        return measured[knob]
+
+    if near is not None:
+        first, last = near
+        if (at(first) <= target <= at(last)) if increasing else (at(first) >= target >= at(last)):
+            low, high = first, last
+    tried = [(low, at(low)), (high, at(high))]
     for _ in range(steps):
         best = min(tried, key=lambda t: abs(t[1] - target))
         if abs(best[1] - target) <= tolerance * max(target, 1.0):
             break
         middle = (low + high) / 2
-        value = avg_k_at(middle)
+        value = at(middle)
         tried.append((middle, value))
         if (value > target) == increasing:
             high = middle
@@ -220,11 +235,10 @@ def calibrate_router_heads(model: nn.Module, batches: Sequence[dict[str, Tensor]
         for head in heads:
             head.set_router_threshold(math.exp(guess))
         return math.exp(guess)
-    low, high = max(guess - 1.0, -ROUTER_FEATURE_FLOOR), min(guess + 1.0, 0.0)
-    if not avg_k_at(low) >= target >= avg_k_at(high):
-        low, high = -ROUTER_FEATURE_FLOOR, 0.0
-    log_threshold, _ = bisect_knob(avg_k_at, low, high, target, increasing=False)
-    avg_k_at(log_threshold)
+    near = (max(guess - 1.0, -ROUTER_FEATURE_FLOOR), min(guess + 1.0, 0.0))
+    log_threshold, _ = bisect_knob(avg_k_at, -ROUTER_FEATURE_FLOOR, 0.0, target, increasing=False, near=near)
+    for head in heads:
+        head.set_router_threshold(math.exp(log_threshold))
     return math.exp(log_threshold)
 
 
@@ -272,9 +286,7 @@ def calibrate_threshold(
 
     limit = math.log((1 - 1e-6) / 1e-6)
     now = math.log(config.threshold / (1.0 - config.threshold))
-    low, high = max(now - 1.0, -limit), min(now + 1.0, limit)  # the threshold is usually near already
-    if not avg_k_at(low) >= target >= avg_k_at(high):
-        low, high = -limit, limit
-    logit, _ = bisect_knob(avg_k_at, low, high, target, increasing=False, tolerance=tolerance)
+    near = (max(now - 1.0, -limit), min(now + 1.0, limit))  # the threshold is usually near already
+    logit, _ = bisect_knob(avg_k_at, -limit, limit, target, increasing=False, tolerance=tolerance, near=near)
     config.threshold = 1.0 / (1.0 + math.exp(-logit))
     return config.threshold
