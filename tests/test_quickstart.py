@@ -26,7 +26,13 @@ def corpus():
 def test_quickstart_writes_the_report(corpus, tmp_path, capsys):
     out = tmp_path / "qs"
     assert main(["quickstart", "--output", str(out), "--target-avg-k", "2", *TINY]) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
+    # --no-progress: no bars, but one line per finished stage with its time (and throughput)
+    stages = ["training text", "train mask heads", "evaluate", "MoE-layer speed", "report"]
+    for i, stage in enumerate(stages, 1):
+        assert f"quickstart [{i}/5] {stage}: " in captured.err, captured.err
+    assert "training tokens/s" in captured.err and "evaluated tokens/s" in captured.err
     assert "| **BEAM** |" in printed and "Top-K pruning" in printed and "report:" in printed
 
     for name in ("report.md", "results.json", "sweep.md", "sweep.png", "adapter/beam_config.json"):

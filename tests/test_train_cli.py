@@ -1,6 +1,8 @@
 """`beam-moe train`: a full run through the CLI, and every kind of bad input."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -170,3 +172,25 @@ def test_repeated_data_options_add_up(files):
     config = config_from_args(build_parser().parse_args(argv))
     assert list(config.data) == [a, b, c]
     assert list(config.val_data) == [a, b]
+
+
+def test_missed_target_warns_and_is_recorded(files):
+    """The real command: a run that ends far from its target still exits 0, but says so on stderr
+    and records `target_reached: false` in its JSON, its adapter and its last metrics line; the last
+    step's validation is logged once (the final one, after calibration), not twice."""
+    output = files / "missed"
+    command = [
+        sys.executable, "-m", "beam_moe.cli", *args(files, "missed"), "--target-avg-k", "1",
+        "--start-avg-k", "4", "--no-calibrate", "--lr", "1e-7", "--eval-every", "3", "--json", "--threads", "1",
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert summary["target_reached"] is False and summary["final_avg_k"] > 1.1
+    assert "beam-moe train: warning: Avg-K ended at" in done.stderr
+    assert "outside ±10% of the target 1" in done.stderr and "--no-calibrate" in done.stderr
+    assert json.loads((output / "beam_config.json").read_text())["extra"]["final"]["target_reached"] is False
+    records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in records if r.get("split") == "val"]
+    assert [r["step"] for r in val] == [3], "one validation record for the last step"
+    assert val[0]["target_reached"] is False and val[0]["val_avg_k"] == summary["val_avg_k"]

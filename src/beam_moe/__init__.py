@@ -5,28 +5,41 @@ attach(model, BeamConfig())          # every MoE block gets `beam_mask`
 with beam_stats(model) as s:
     model(**batch)
 s.avg_k
+
+The public names load on first use, so `import beam_moe` (and the `beam-moe` command) can set up the
+process, e.g. OpenMP's wait policy, before torch is imported.
 """
 
-from beam_moe.attach import (
-    attach,
-    detach,
-    get_attachment,
-    is_attached,
-    last_avg_k,
-    mask_parameters,
-    mask_regularizer,
-    set_routing_policy,
-)
-from beam_moe.checkpoint import load_beam, read_adapter_config, save_beam
-from beam_moe.config import BeamConfig
-from beam_moe.errors import BeamError
-from beam_moe.loading import load_beam_model
-from beam_moe.mask import MaskHead
-from beam_moe.merged import from_pretrained
-from beam_moe.routing import MaskedRouting, RoutingPolicy, apply_keep, apply_mask, to_sentinel
-from beam_moe.stats import BeamStats, beam_stats
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+_PUBLIC = {
+    "attach": (
+        "attach",
+        "detach",
+        "get_attachment",
+        "is_attached",
+        "last_avg_k",
+        "mask_parameters",
+        "mask_regularizer",
+        "set_routing_policy",
+    ),
+    "checkpoint": ("load_beam", "read_adapter_config", "save_beam"),
+    "config": ("BeamConfig",),
+    "errors": ("BeamError",),
+    "loading": ("load_beam_model",),
+    "mask": ("MaskHead",),
+    "merged": ("from_pretrained",),
+    "routing": ("MaskedRouting", "RoutingPolicy", "apply_keep", "apply_mask", "to_sentinel"),
+    "stats": ("BeamStats", "beam_stats"),
+}
+_HOME = {name: module for module, names in _PUBLIC.items() for name in names}
 
 __all__ = [
     "BeamConfig",
@@ -54,3 +67,49 @@ __all__ = [
     "set_routing_policy",
     "to_sentinel",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOME:
+        raise AttributeError(f"module 'beam_moe' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"beam_moe.{_HOME[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_HOME})
+
+
+class _Package(types.ModuleType):
+    """Keeps `beam_moe.attach` the function: importing the submodule of the same name would bind the
+    module over it (the submodule stays importable as `beam_moe.attach` through sys.modules)."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if isinstance(value, types.ModuleType) and _HOME.get(name) == name:
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
+
+
+if TYPE_CHECKING:
+    from beam_moe.attach import (
+        attach,
+        detach,
+        get_attachment,
+        is_attached,
+        last_avg_k,
+        mask_parameters,
+        mask_regularizer,
+        set_routing_policy,
+    )
+    from beam_moe.checkpoint import load_beam, read_adapter_config, save_beam
+    from beam_moe.config import BeamConfig
+    from beam_moe.errors import BeamError
+    from beam_moe.loading import load_beam_model
+    from beam_moe.mask import MaskHead
+    from beam_moe.merged import from_pretrained
+    from beam_moe.routing import MaskedRouting, RoutingPolicy, apply_keep, apply_mask, to_sentinel
+    from beam_moe.stats import BeamStats, beam_stats

@@ -10,6 +10,10 @@ class BeamError(Exception):
     """A problem the user can fix: the message says what was wrong and what to do about it."""
 
 
+class BeamWarning(UserWarning):
+    """The run finished, but not as asked: the message says what happened and what to change."""
+
+
 def require(module: str, extra: str | tuple[str, ...], purpose: str | None = None) -> ModuleType:
     """Import the optional dependency `module`, or raise a BeamError naming the extra that installs it.
 

@@ -2,6 +2,9 @@
 
 Errors: a BeamError (bad input) prints its message and exits 2; any other exception prints one
 line naming it and exits 1. `--debug` (before or after the command) prints the traceback too.
+
+Threads: OpenMP's wait policy is set before torch is imported and torch uses the cores other
+processes leave free, unless `--threads N` (beam_moe/threads.py says why).
 """
 
 from __future__ import annotations
@@ -11,8 +14,10 @@ import importlib
 import pkgutil
 import sys
 import traceback
+import warnings
 
-from beam_moe.errors import BeamError
+from beam_moe import threads
+from beam_moe.errors import BeamError, BeamWarning
 
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL_ERROR = 1
@@ -35,6 +40,23 @@ def _add_debug(parser: argparse.ArgumentParser, default: object) -> None:
                 _add_debug(sub, argparse.SUPPRESS)
 
 
+def _add_threads(parser: argparse.ArgumentParser) -> None:
+    """`--threads` on every command that has none of its own (`bench` commands have theirs)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _add_threads(sub)
+            return
+    if not any("--threads" in action.option_strings for action in parser._actions):
+        parser.add_argument(
+            "--threads",
+            type=int,
+            default=None,
+            metavar="N",
+            help="torch CPU threads (default: the cores other processes leave free, checked as it runs)",
+        )
+
+
 def build_parser() -> argparse.ArgumentParser:
     from beam_moe import __version__
 
@@ -47,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     for module in command_modules():
         importlib.import_module(module).register(subparsers)
     _add_debug(parser, False)
+    _add_threads(parser)
     return parser
 
 
@@ -56,10 +79,25 @@ def _first_line(error: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    threads.prepare_environment()
     args = build_parser().parse_args(argv)
     where = f"beam-moe {args.command}"
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        if issubclass(category, BeamWarning):
+            print(f"{where}: warning: {message}", file=sys.stderr)
+        else:
+            shown(message, category, filename, lineno, file, line)
+
     try:
-        return int(args.func(args) or 0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", BeamWarning)
+            warnings.showwarning = show
+            if getattr(args, "threads", None) is not None and args.threads < 1:
+                raise BeamError(f"--threads must be at least 1, got {args.threads}")
+            threads.govern(getattr(args, "threads", None))
+            return int(args.func(args) or 0)
     except BeamError as e:
         if args.debug:
             traceback.print_exc()
@@ -79,3 +117,5 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
         return EXIT_INTERNAL_ERROR
+    finally:
+        threads.release()

@@ -34,7 +34,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--max-gather-gb", type=float, default=2.0, help="skip batched_mm when it would gather more weights"
     )
     layer.add_argument("--seed", type=int, default=0)
-    layer.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    layer.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: the cores other processes leave free at the start)",
+    )
     layer.add_argument("--output", default=None, help="also write the JSON result to this file")
     layer.add_argument("--json", action="store_true", help="print JSON instead of a table")
     layer.set_defaults(func=run_layer)
@@ -55,7 +60,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     generate.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     generate.add_argument("--dtype", default="bfloat16")
     generate.add_argument("--seed", type=int, default=0)
-    generate.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    generate.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: the cores other processes leave free at the start)",
+    )
     generate.add_argument("--output", default=None, help="also write the JSON result to this file")
     generate.add_argument("--json", action="store_true", help="print JSON instead of a table")
     generate.set_defaults(func=run_generate)
@@ -87,13 +97,6 @@ def _device(name: str | None):
     return device
 
 
-def _threads(count: int | None) -> None:
-    if count is not None:
-        import torch
-
-        torch.set_num_threads(count)
-
-
 def _emit(document: dict, args: argparse.Namespace, table: list[str]) -> None:
     text = json.dumps(document, indent=2)
     if args.output:
@@ -113,7 +116,6 @@ def run_layer(args: argparse.Namespace) -> int:
 
     preset = get_preset(args.preset)
     tokens = parse_tokens(args.tokens)
-    _threads(args.threads)
     compare = [b for b in (args.compare_backends or "").split(",") if b]
     document = bench_layer(
         preset,
@@ -146,7 +148,6 @@ def run_generate(args: argparse.Namespace) -> int:
     from beam_moe.bench.layer import parse_tokens
     from beam_moe.loading import parse_dtype
 
-    _threads(args.threads)
     document = bench_generate(
         args.adapter,
         base=args.base,

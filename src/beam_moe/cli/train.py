@@ -241,8 +241,10 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
-        for key in ("output", "steps", "tokens", "val_loss", "val_kl", "val_avg_k", "avg_k", "beta"):
+        summary["tokens_per_s"] = round(result.tokens / max(result.elapsed_s, 1e-9), 1)
+        keys = ("output", "steps", "tokens", "elapsed_s", "tokens_per_s", "val_loss", "val_kl", "val_avg_k")
+        for key in (*keys, "avg_k", "beta", "target_reached"):
             if summary.get(key) is not None:
                 value = summary[key]
-                print(f"{key:<10}  {value:.4f}" if isinstance(value, float) else f"{key:<10}  {value}")
+                print(f"{key:<14}  {value:.4f}" if isinstance(value, float) else f"{key:<14}  {value}")
     return 0

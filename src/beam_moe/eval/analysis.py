@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from beam_moe import threads
 from beam_moe.attach import get_attachment
 from beam_moe.eval.baselines import rank_order
 from beam_moe.eval.perplexity import equal_length_batches, token_windows
@@ -94,6 +95,7 @@ def analyze_routing(
     try:
         with beam_stats(model, record=True) as stats:
             for batch in equal_length_batches(windows, batch_size):
+                threads.tick()
                 model(input_ids=torch.tensor(batch, device=device))
         tokens_map = token_map(model, tokenizer, texts[0], heatmap_tokens)
     finally:

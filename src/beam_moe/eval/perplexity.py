@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from beam_moe import threads
 from beam_moe.attach import is_attached
 from beam_moe.errors import BeamError
 from beam_moe.eval.text import TextSource, read_texts
@@ -109,6 +110,7 @@ def perplexity(
                 unit="batch",
                 disable=not progress,
             ):
+                threads.tick()
                 input_ids = torch.tensor(batch, device=device)
                 logits = model(input_ids=input_ids).logits[:, :-1].float()
                 targets = input_ids[:, 1:]

@@ -92,7 +92,11 @@ class QuickstartConfig:
 
 
 class Stages:
-    """The overall progress bar: one step per stage, the stage's name and elapsed time alongside."""
+    """The overall progress bar: one step per stage, the stage's name and elapsed time alongside.
+
+    Without the bar (`--no-progress`, `--json`) each finished stage prints one line to stderr with
+    its time (and its throughput, where it has one), so a slow machine is visible either way.
+    """
 
     def __init__(self, names: list[str], enabled: bool) -> None:
         self.names = names
@@ -106,10 +110,17 @@ class Stages:
         self._bar.set_postfix_str(name)
         self._bar.refresh()
 
-    def done(self) -> None:
+    def done(self, tokens: int = 0, what: str = "tokens") -> None:
         assert self._current is not None
-        self.seconds[self._current] = round(time.perf_counter() - self._started, 2)
+        seconds = self.seconds[self._current] = round(time.perf_counter() - self._started, 2)
         self._bar.update(1)
+        if self._bar.disable:
+            detail = f" ({tokens / max(seconds, 1e-9):,.0f} {what}/s)" if tokens else ""
+            print(
+                f"quickstart [{len(self.seconds)}/{len(self.names)}] {self._current}: {seconds:.1f} s{detail}",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def sub_bar(self, total: int, desc: str):
         return tqdm(total=total, desc=desc, unit="eval", disable=self._bar.disable, leave=False, position=1)
@@ -161,7 +172,7 @@ def run_quickstart(config: QuickstartConfig) -> dict[str, Any]:
             stages.start("train mask heads")
             adapter = staging / "adapter"
             trained = train_mask_heads(config.target_avg_k, adapter, recipe, data_file, config.progress)
-            stages.done()
+            stages.done(trained.tokens, "training tokens")
 
             stages.start("evaluate")
             grids = _grids(REFERENCE_SHAPE["num_experts_per_tok"], config.points)
@@ -184,7 +195,7 @@ def run_quickstart(config: QuickstartConfig) -> dict[str, Any]:
             summary = analyze_routing(
                 model, tokenizer, texts, max_tokens=min(4096, eval_tokens), max_length=config.eval_length
             )
-            stages.done()
+            stages.done(evaluations * eval_tokens, "evaluated tokens")
 
             stages.start("MoE-layer speed")
             speed = None

@@ -31,6 +31,7 @@ and the loss can only move it where that pays.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -38,7 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from beam_moe.attach import get_attachment
-from beam_moe.errors import BeamError
+from beam_moe.errors import BeamError, BeamWarning
 from beam_moe.mask import ROUTER_FEATURE_FLOOR, router_feature
 
 CONTROLLER_DEFAULTS: dict[str, float] = {"kp": 1.0, "ki": 0.1, "smoothing": 0.9}
@@ -149,6 +150,39 @@ def check_target(target: float, top_k: int) -> None:
             f"target Avg-K {target} is out of range: it must be > 0 and at most the model's Top-K ({top_k}), "
             "since the masks only switch off experts the router chose"
         )
+
+
+TARGET_TOLERANCE = 0.10
+
+
+def target_outcome(final: dict[str, Any], target: float, warn: bool = True) -> dict[str, Any]:
+    """Whether a run's final Avg-K (validation, else calibration, else the last training batches)
+    lies within ±10% of its target; a miss warns (BeamWarning) with what to change."""
+    source, avg_k = next(
+        ((k, final[k]) for k in ("val_avg_k", "calibration_avg_k", "avg_k") if final.get(k) is not None),
+        (None, None),
+    )
+    if avg_k is None:
+        return {}
+    reached = abs(avg_k - target) <= TARGET_TOLERANCE * target
+    if warn and not reached:
+        where = {"val_avg_k": "validation", "calibration_avg_k": "calibration", "avg_k": "training"}[source]
+        if avg_k > target:
+            advice = (
+                "the heads still keep too many experts: train longer (--max-steps / --epochs) or raise "
+                "--lr or --controller-kp"
+            )
+            if "calibration_avg_k" not in final:
+                advice += ", and leave the serve-time calibration on (drop --no-calibrate)"
+        else:
+            advice = "the heads switch off too many experts: lower --lr or --controller-kp, or train longer"
+        warnings.warn(
+            f"Avg-K ended at {avg_k:.2f} on the {where} text, outside ±{TARGET_TOLERANCE:.0%} of the "
+            f"target {target:g}; {advice}",
+            BeamWarning,
+            stacklevel=2,
+        )
+    return {"final_avg_k": avg_k, "target_reached": reached}
 
 
 # Calibration ------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from beam_moe import threads
 from beam_moe.attach import attach, get_attachment, mask_regularizer
 from beam_moe.errors import BeamError, require
 from beam_moe.loading import load_base_model, load_tokenizer
@@ -38,6 +39,7 @@ from beam_moe.train.budget import (
     calibrate_threshold,
     check_target,
     measure_avg_k,
+    target_outcome,
 )
 from beam_moe.train.checkpointing import Checkpointer, trainable_state
 from beam_moe.train.config import TrainConfig
@@ -393,6 +395,7 @@ class Trainer:
         record: dict[str, Any] = {}
         try:
             while step < self.total_steps:
+                threads.tick()
                 t0 = time.perf_counter()
                 stats = self.train_step(step)
                 if not stats.pop("finite"):
@@ -426,17 +429,29 @@ class Trainer:
                 progress.update(record)
                 if self.on_step is not None:
                     self.on_step({**record, "model": self.model})
-                if self.data.val is not None and config.eval_every and step % config.eval_every == 0:
+                # The last step's validation is the final one below, after the threshold calibration.
+                if (
+                    self.data.val is not None
+                    and config.eval_every
+                    and step % config.eval_every == 0
+                    and step < self.total_steps
+                ):
                     metrics.log({"step": step, "split": "val", **self.evaluate(self.data.val)})
                 if config.save_every and step % config.save_every == 0 and step < self.total_steps:
                     self._save_checkpoint(step, tokens)
             final = {k: record.get(k) for k in ("loss", "lm_loss", "kl", "avg_k", "beta")}
             final.update(start)
             final.update(self._land_on_target())
-            if self.data.val is not None:
-                val = self.evaluate(self.data.val)
-                metrics.log({"step": step, "split": "val", **val})
-                final.update(val)
+            val = self.evaluate(self.data.val) if self.data.val is not None else {}
+            final.update(val)
+            outcome = (
+                target_outcome(final, config.target_avg_k, warn=self.is_main)
+                if config.target_avg_k is not None
+                else {}
+            )
+            final.update(outcome)
+            if val:
+                metrics.log({"step": step, "split": "val", **val, **outcome})
             self._write_output(final, step, tokens)
         finally:
             progress.close()
