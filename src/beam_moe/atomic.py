@@ -1,4 +1,9 @@
-"""Writes that a crash cannot leave half done."""
+"""Writes that a crash cannot leave half done, published with the modes the process umask asks for.
+
+Staging uses `tempfile` (private 0700 folders and 0600 files), so what is published gets its mode
+set explicitly: a new folder 0777 & ~umask, a new file 0666 & ~umask (as `git` and `pip` do), and a
+folder or file that is replaced keeps the mode it had.
+"""
 
 from __future__ import annotations
 
@@ -24,6 +29,27 @@ def _exchange(a: Path, b: Path) -> bool:
     except (OSError, AttributeError):
         return False
     return renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0
+
+
+def process_umask() -> int:
+    """The process umask, read without changing it where Linux's /proc shows it."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def publish_mode(path: Path, *, folder: bool) -> int:
+    """The mode `path` should get: the one it has when it exists, else the umask's default."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        return (0o777 if folder else 0o666) & ~process_umask()
 
 
 def _fsync_tree(root: Path) -> None:
@@ -54,12 +80,13 @@ def _carry_over(old: Path, new: Path) -> None:
 
 
 @contextmanager
-def atomic_directory(path: str | Path) -> Iterator[Path]:
+def atomic_directory(path: str | Path, *, replace: bool = False) -> Iterator[Path]:
     """Yield a staging folder; on success it replaces `path` in one step, on error it is removed.
 
     Files already in `path` that the new contents do not replace are carried over (hard links),
-    so a folder can hold an adapter beside other files. A crash leaves `path` as it was before
-    or as it is after, never in between.
+    so a folder can hold an adapter beside other files; `replace=True` drops them instead (a
+    command's output replaced as a whole). A crash leaves `path` as it was before or as it is
+    after, never in between. The published folder keeps the mode `path` had, or gets the umask's.
     """
     path = Path(path).absolute()
     if path.exists() and not path.is_dir():  # refused before anything is written
@@ -71,7 +98,9 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
         if path.exists():
             if not path.is_dir():
                 raise BeamError(f"{path} exists and is not a folder; choose another output folder")
-            _carry_over(path, staging)
+            if not replace:
+                _carry_over(path, staging)
+            os.chmod(staging, publish_mode(path, folder=True))
             _fsync_tree(staging)
             if not _exchange(staging, path):
                 old = path.with_name(f".{path.name}.old-{staging.name.rsplit('-', 1)[-1]}")
@@ -79,6 +108,7 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
                 os.rename(staging, path)
                 staging = old
         else:
+            os.chmod(staging, publish_mode(path, folder=True))
             _fsync_tree(staging)
             os.rename(staging, path)
             return
@@ -87,11 +117,13 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write a text file through a temporary file and one rename."""
+    """Write a text file through a temporary file and one rename; the mode as `publish_mode` says."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    mode = publish_mode(path, folder=False)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
+        os.fchmod(fd, mode)
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()

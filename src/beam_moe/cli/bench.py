@@ -5,6 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 
+from beam_moe.cli._output import add_output_arguments
+
+FILE_OUTPUT = {
+    "metavar": "FILE",
+    "required": False,
+    "overwrite_help": "replace an existing --output file",
+}
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("bench", help="speed benchmarks: one MoE layer, or generation")
@@ -35,7 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     layer.add_argument("--seed", type=int, default=0)
     layer.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    layer.add_argument("--output", default=None, help="also write the JSON result to this file")
+    add_output_arguments(layer, "also write the JSON result to this file", **FILE_OUTPUT)
     layer.add_argument("--json", action="store_true", help="print JSON instead of a table")
     layer.set_defaults(func=run_layer)
 
@@ -56,7 +64,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     generate.add_argument("--dtype", default="bfloat16")
     generate.add_argument("--seed", type=int, default=0)
     generate.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    generate.add_argument("--output", default=None, help="also write the JSON result to this file")
+    add_output_arguments(generate, "also write the JSON result to this file", **FILE_OUTPUT)
     generate.add_argument("--json", action="store_true", help="print JSON instead of a table")
     generate.set_defaults(func=run_generate)
 
@@ -64,7 +72,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "make-model",
         help="write a real-size test model (random weights) and a BEAM adapter calibrated to an Avg-K",
     )
-    make.add_argument("output", help="folder to create: OUTPUT/base and OUTPUT/adapter")
+    add_output_arguments(make, "folder to create: OUTPUT/base and OUTPUT/adapter")
     make.add_argument("--preset", default="qwen3-30b-a3b")
     make.add_argument("--layers", type=int, default=4, help="decoder layers (default 4)")
     make.add_argument("--avg-k", type=float, default=1.23, help="target kept experts per token")
@@ -94,6 +102,12 @@ def _threads(count: int | None) -> None:
         torch.set_num_threads(count)
 
 
+def _check_output(args: argparse.Namespace) -> None:
+    from beam_moe.outputs import check_output_file
+
+    check_output_file(args.output, overwrite=args.overwrite)
+
+
 def _emit(document: dict, args: argparse.Namespace, table: list[str]) -> None:
     text = json.dumps(document, indent=2)
     if args.output:
@@ -111,6 +125,7 @@ def run_layer(args: argparse.Namespace) -> int:
     from beam_moe.loading import parse_dtype
     from beam_moe.presets import get_preset
 
+    _check_output(args)
     preset = get_preset(args.preset)
     tokens = parse_tokens(args.tokens)
     _threads(args.threads)
@@ -146,6 +161,7 @@ def run_generate(args: argparse.Namespace) -> int:
     from beam_moe.bench.layer import parse_tokens
     from beam_moe.loading import parse_dtype
 
+    _check_output(args)
     _threads(args.threads)
     document = bench_generate(
         args.adapter,
@@ -186,6 +202,7 @@ def run_make_model(args: argparse.Namespace) -> int:
         avg_k=args.avg_k,
         dtype=parse_dtype(args.dtype),
         seed=args.seed,
+        overwrite=args.overwrite,
     )
     if args.json:
         print(json.dumps(summary, indent=2))
