@@ -1,8 +1,9 @@
 """Writes that a crash cannot leave half done, published with the modes the process umask asks for.
 
-Staging uses `tempfile` (private 0700 folders and 0600 files), so what is published gets its mode
-set explicitly: a new folder 0777 & ~umask, a new file 0666 & ~umask (as `git` and `pip` do), and a
-folder or file that is replaced keeps the mode it had.
+Staging uses `tempfile` (private 0700 folders and 0600 files) and some writers create private files
+too (safetensors), so what is published gets its mode set explicitly: new folders 0777 & ~umask,
+new files 0666 & ~umask (as `git` and `pip` do); a folder or file that is replaced keeps the mode
+it had, and a hard link (a base model's weights in a merged checkpoint) keeps its source's.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -50,6 +52,21 @@ def publish_mode(path: Path, *, folder: bool) -> int:
         return path.stat().st_mode & 0o7777
     except FileNotFoundError:
         return (0o777 if folder else 0o666) & ~process_umask()
+
+
+def _apply_umask(root: Path) -> None:
+    """Give every folder and file written under `root` the mode the umask asks for (links excepted)."""
+    umask = process_umask()
+    for folder, folders, files in os.walk(root):
+        for name in folders:
+            path = os.path.join(folder, name)
+            if not os.path.islink(path):
+                os.chmod(path, 0o777 & ~umask)
+        for name in files:
+            path = os.path.join(folder, name)
+            info = os.lstat(path)
+            if stat.S_ISREG(info.st_mode) and info.st_nlink == 1:
+                os.chmod(path, (0o777 if info.st_mode & stat.S_IXUSR else 0o666) & ~umask)
 
 
 def _fsync_tree(root: Path) -> None:
@@ -95,6 +112,7 @@ def atomic_directory(path: str | Path, *, replace: bool = False) -> Iterator[Pat
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         yield staging
+        _apply_umask(staging)
         if path.exists():
             if not path.is_dir():
                 raise BeamError(f"{path} exists and is not a folder; choose another output folder")

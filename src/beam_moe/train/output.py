@@ -155,6 +155,7 @@ def write_result(
         routers = {k: v for k, v in trained.items() if k in names}
         staging = path / f".{ROUTERS_FILE}.tmp"
         save_file(routers, staging)
+        staging.chmod(publish_mode(path / ROUTERS_FILE, folder=False))  # safetensors writes it private
         staging.replace(path / ROUTERS_FILE)
     elif config.train == "lora":
         with atomic_directory(path / LORA_DIR) as staging:
