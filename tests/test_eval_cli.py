@@ -223,7 +223,9 @@ def test_eval_bad_input_exits_non_zero(folders, capsys, extra, message):
 def test_failed_runs_leave_no_output(folders, capsys):
     out = folders / "never"
     assert (
-        main(["analyze", str(folders / "nowhere"), "--data", str(folders / "text.jsonl"), "--output", str(out)])
+        main(
+            ["analyze", str(folders / "nowhere"), "--data", str(folders / "text.jsonl"), "--output", str(out)]
+        )
         == 2
     )
     assert "does not exist" in capsys.readouterr().err
