@@ -39,7 +39,7 @@ def check_output_folder(
     if not is_ours:
         raise BeamError(
             f"{option} {path} is not empty and is not {what}; choose another {option} "
-            "(a folder that beam-moe did not write is never overwritten, even with --overwrite)"
+            f"(a folder that is not {what} is never overwritten, even with --overwrite)"
         )
     if not overwrite:
         raise BeamError(

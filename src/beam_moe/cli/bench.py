@@ -72,7 +72,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "make-model",
         help="write a real-size test model (random weights) and a BEAM adapter calibrated to an Avg-K",
     )
-    add_output_arguments(make, "folder to create: OUTPUT/base and OUTPUT/adapter")
+    add_output_arguments(make, "folder to create: DIR/base and DIR/adapter")
     make.add_argument("--preset", default="qwen3-30b-a3b")
     make.add_argument("--layers", type=int, default=4, help="decoder layers (default 4)")
     make.add_argument("--avg-k", type=float, default=1.23, help="target kept experts per token")
