@@ -93,7 +93,7 @@ def main() -> None:
     parser.add_argument("--mask-steps", type=int, default=100)
     parser.add_argument("--betas", default="0.01,0.05,0.2")
     parser.add_argument("--eval-tokens", type=int, default=16384)
-    parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--output", "-o", type=Path, default=OUT)
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -118,7 +118,7 @@ def main() -> None:
     pretrain_s = time.perf_counter() - started
     attach(model, BeamConfig())
 
-    with atomic_directory(args.out) as staging, tempfile.TemporaryDirectory() as scratch:
+    with atomic_directory(args.output) as staging, tempfile.TemporaryDirectory() as scratch:
         adapters = []
         for i, beta in enumerate(float(b) for b in args.betas.split(",")):
             for p in mask_parameters(model):
@@ -169,7 +169,7 @@ def main() -> None:
         write_analysis_plots(summary, staging / "analysis")
         (staging / "analysis" / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(sweep_markdown(result))
-    print(f"pretrain {pretrain_s:.0f} s, sweep {sweep_s:.0f} s; wrote {args.out}")
+    print(f"pretrain {pretrain_s:.0f} s, sweep {sweep_s:.0f} s; wrote {args.output}")
 
 
 if __name__ == "__main__":

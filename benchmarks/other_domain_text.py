@@ -6,7 +6,7 @@ subject, and every machine with Python has it: this writes the docstrings of the
 library's top-level modules (module, class and function docstrings of at least 300 characters,
 in file order) as one `{"text": ...}` per docstring, for `beam-moe sweep ADAPTER --ppl FILE`.
 
-    python benchmarks/other_domain_text.py --out runs/stdlib_docs.jsonl
+    python benchmarks/other_domain_text.py --output runs/stdlib_docs.jsonl
 
 The text depends on the Python version (recorded in the first line's "source"); 3.11 gives
 about 0.6 M characters (~150 K tokens of the reference tokenizer).
@@ -43,15 +43,15 @@ def stdlib_docstrings(min_chars: int = MIN_CHARS) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, required=True, help="the .jsonl to write")
+    parser.add_argument("--output", "-o", type=Path, required=True, help="the .jsonl to write")
     args = parser.parse_args(argv)
     texts = stdlib_docstrings()
     source = f"Python {platform.python_version()} standard library docstrings"
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "w", encoding="utf-8") as f:
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    with open(args.output, "w", encoding="utf-8") as f:
         for text in texts:
             f.write(json.dumps({"text": text, "source": source}, ensure_ascii=False) + "\n")
-    print(f"wrote {len(texts)} docstrings, {sum(map(len, texts))} characters, to {args.out}")
+    print(f"wrote {len(texts)} docstrings, {sum(map(len, texts))} characters, to {args.output}")
     return 0
 
 

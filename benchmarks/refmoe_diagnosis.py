@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-fixed-beta", action="store_true", help="only the training-length runs")
     parser.add_argument("--sweep", type=Path, default=OUT / "sweep.json")
     parser.add_argument("--runs", type=Path, default=DIAG_RUNS)
-    parser.add_argument("--out", type=Path, default=DIAG_OUT)
+    parser.add_argument("--output", "-o", type=Path, default=DIAG_OUT)
     parser.add_argument("--stage", choices=("all", "train"), default="all")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     document = evaluate(args, adapters)
     from beam_moe.atomic import atomic_directory
 
-    with atomic_directory(args.out) as staging:
+    with atomic_directory(args.output) as staging:
         (staging / "diagnosis.json").write_text(json.dumps(document, indent=1) + "\n")
         (staging / "diagnosis.md").write_text(markdown(document))
     print(markdown(document))

@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         "--serve-from", type=float, default=2.0, help="budget whose adapters serve every budget"
     )
     parser.add_argument("--runs", type=Path, default=RUNS)
-    parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--output", "-o", type=Path, default=OUT)
     parser.add_argument("--stage", choices=("all", "train", "eval"), default="all")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
@@ -216,9 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     document = evaluate(args, budgets, heads, recipe_args)
     document["training_seconds_this_run"] = trained
     document["evaluation_seconds_this_run"] = round(time.perf_counter() - started, 1)
-    write_results(args.out, document)
+    write_results(args.output, document)
     print(markdown(document))
-    print(f"wrote {args.out}")
+    print(f"wrote {args.output}")
     return 0
 
 

@@ -15,9 +15,10 @@ MODEL=${MODEL:-/tmp/beam-bench-qwen3-30b-a3b-4l}
 mkdir -p "$OUT"
 
 $PY -m beam_moe.cli bench layer --preset qwen3-30b-a3b --tokens 1,8,64,512 --avg-k 1.23 \
-    --threads "$THREADS" --rounds 40 --budget 90 --json --output "$OUT/layer-qwen3-30b-a3b-$TAG.json" > /dev/null
+    --threads "$THREADS" --rounds 40 --budget 90 --json --output "$OUT/layer-qwen3-30b-a3b-$TAG.json" --overwrite > /dev/null
 
 [ -f "$MODEL/adapter/beam_config.json" ] || \
-    $PY -m beam_moe.cli bench make-model "$MODEL" --preset qwen3-30b-a3b --layers 4 --avg-k 1.23
+    $PY -m beam_moe.cli bench make-model --output "$MODEL" --preset qwen3-30b-a3b --layers 4 --avg-k 1.23
 $PY -m beam_moe.cli bench generate "$MODEL/adapter" --input-len 128 --output-len 32 --batch-sizes 1,8 \
-    --repeats 3 --threads "$THREADS" --json --output "$OUT/generate-qwen3-30b-a3b-4layers-$TAG.json" > /dev/null
+    --repeats 3 --threads "$THREADS" --json --overwrite \
+    --output "$OUT/generate-qwen3-30b-a3b-4layers-$TAG.json" > /dev/null

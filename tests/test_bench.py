@@ -144,7 +144,7 @@ def test_generate_refuses_a_missing_adapter(tmp_path, capsys):
 
 
 def test_make_model_cli_refuses_an_impossible_avg_k(tmp_path, capsys):
-    assert main(["bench", "make-model", str(tmp_path / "m"), "--avg-k", "9"]) == 2
+    assert main(["bench", "make-model", "--output", str(tmp_path / "m"), "--avg-k", "9"]) == 2
     assert "--avg-k must lie in (0, 8]" in capsys.readouterr().err
     assert not (tmp_path / "m").exists()
 

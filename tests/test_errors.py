@@ -90,8 +90,8 @@ def test_eval_commands_without_the_eval_extra_name_it(folders, command):
         str(folders / f"{command}-out"),
     )
     module, argv = {
-        "sweep": ("matplotlib", ["sweep", adapter, "--ppl", text, "--out", out]),
-        "analyze": ("matplotlib", ["analyze", adapter, "--data", text, "--out", out]),
+        "sweep": ("matplotlib", ["sweep", adapter, "--ppl", text, "--output", out]),
+        "analyze": ("matplotlib", ["analyze", adapter, "--data", text, "--output", out]),
         "eval": ("lm_eval", ["eval", adapter, "--tasks", "beam_wiki_cloze", "--limit", "2"]),
     }[command]
     assert_one_line(beam_moe_without(module, *argv), command, module, "eval")

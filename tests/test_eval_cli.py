@@ -109,7 +109,7 @@ def test_analyze_writes_plots_and_a_summary(folders, capsys):
         str(folders / "adapter"),
         "--data",
         str(folders / "text.jsonl"),
-        "--out",
+        "--output",
         str(out),
         "--json",
     )
@@ -136,12 +136,13 @@ def test_analyze_writes_plots_and_a_summary(folders, capsys):
         str(folders / "adapter"),
         "--data",
         str(folders / "text.jsonl"),
-        "--out",
+        "--output",
         str(out),
         "--baseline",
         "top_p",
         "--param",
         "0.5",
+        "--overwrite",
         "--json",
     )
     assert top_p["keep_rate_by_rank"][0] == 1.0, "Top-P always keeps the router's favourite"
@@ -156,7 +157,7 @@ def test_sweep_writes_table_json_and_plot(folders, capsys):
                 str(folders / "adapter"),
                 "--ppl",
                 str(folders / "text.jsonl"),
-                "--out",
+                "--output",
                 str(out),
                 "--baselines",
                 "top_k,top_p",
@@ -222,11 +223,13 @@ def test_eval_bad_input_exits_non_zero(folders, capsys, extra, message):
 def test_failed_runs_leave_no_output(folders, capsys):
     out = folders / "never"
     assert (
-        main(["analyze", str(folders / "nowhere"), "--data", str(folders / "text.jsonl"), "--out", str(out)])
+        main(
+            ["analyze", str(folders / "nowhere"), "--data", str(folders / "text.jsonl"), "--output", str(out)]
+        )
         == 2
     )
     assert "does not exist" in capsys.readouterr().err
-    assert main(["sweep", "--ppl", str(folders / "text.jsonl"), "--out", str(out)]) == 2
+    assert main(["sweep", "--ppl", str(folders / "text.jsonl"), "--output", str(out)]) == 2
     assert "give BEAM adapter folders, or --model BASE" in capsys.readouterr().err
     assert (
         main(
@@ -235,7 +238,7 @@ def test_failed_runs_leave_no_output(folders, capsys):
                 str(folders / "adapter"),
                 "--ppl",
                 str(folders / "text.jsonl"),
-                "--out",
+                "--output",
                 str(out),
                 "--baselines",
                 "nope",

@@ -89,7 +89,7 @@ def test_cli_export_refuses_bad_input(qwen3, tmp_path, capsys):
     assert main(["export", str(tmp_path / "missing"), "--output", str(tmp_path / "o")]) == 2
     assert "no BEAM adapter" in capsys.readouterr().err
     assert main(["export", adapter, "--output", str(merged)]) == 2
-    assert "already exists and is not an empty folder" in capsys.readouterr().err
+    assert "already holds a merged checkpoint; pass --overwrite" in capsys.readouterr().err
     other = save_base("qwen3_moe", tmp_path / "other", seed=1)
     assert main(["export", adapter, "--output", str(tmp_path / "o"), "--model", str(other)]) == 2
     assert "trained for another base model" in capsys.readouterr().err

@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 
 import pytest
 
@@ -25,7 +26,14 @@ def corpus():
 
 def test_quickstart_writes_the_report(corpus, tmp_path, capsys):
     out = tmp_path / "qs"
-    assert main(["quickstart", "--output", str(out), "--target-avg-k", "2", *TINY]) == 0
+    out.mkdir()  # an earlier report: --overwrite replaces it as a whole
+    (out / "results.json").write_text("{}")
+    (out / "stale.txt").write_text("from the earlier report")
+    old_umask = os.umask(0o022)
+    try:
+        assert main(["quickstart", "-o", str(out), "--target-avg-k", "2", "--overwrite", *TINY]) == 0
+    finally:
+        os.umask(old_umask)
     captured = capsys.readouterr()
     printed = captured.out
     # --no-progress: no bars, but one line per finished stage with its time (and throughput)
@@ -33,6 +41,9 @@ def test_quickstart_writes_the_report(corpus, tmp_path, capsys):
     for i, stage in enumerate(stages, 1):
         assert f"quickstart [{i}/5] {stage}: " in captured.err, captured.err
     assert "training tokens/s" in captured.err and "evaluated tokens/s" in captured.err
+    assert not (out / "stale.txt").exists()
+    for path in [out, *out.rglob("*")]:  # readable by others, as the umask allows
+        assert path.stat().st_mode & 0o777 == (0o755 if path.is_dir() else 0o644), path
     assert "| **BEAM** |" in printed and "Top-K pruning" in printed and "report:" in printed
 
     for name in ("report.md", "results.json", "sweep.md", "sweep.png", "adapter/beam_config.json"):

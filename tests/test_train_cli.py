@@ -132,7 +132,7 @@ def test_a_finished_run_is_kept_unless_overwrite(files, capsys):
     assert main(args(files, "done", "--beta", "0.1")) == 0
     before = (files / "done" / "beam_adapter.safetensors").read_bytes()
     assert main(args(files, "done", "--beta", "0.1")) == 2
-    assert "already holds a finished run; pass --overwrite" in capsys.readouterr().err
+    assert "already holds a beam-moe training run; pass --overwrite" in capsys.readouterr().err
     assert (files / "done" / "beam_adapter.safetensors").read_bytes() == before
     assert main(args(files, "done", "--beta", "0.1", "--resume")) == 2
     assert main(args(files, "done", "--beta", "0.5", "--overwrite")) == 0
@@ -141,7 +141,7 @@ def test_a_finished_run_is_kept_unless_overwrite(files, capsys):
     (files / "other").mkdir()
     (files / "other" / "notes.txt").write_text("mine")
     assert main(args(files, "other", "--beta", "0.1", "--overwrite")) == 2
-    assert "not a beam-moe training output" in capsys.readouterr().err
+    assert "is not a beam-moe training run" in capsys.readouterr().err
     assert (files / "other" / "notes.txt").read_text() == "mine"
 
 

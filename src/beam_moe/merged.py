@@ -29,6 +29,7 @@ from beam_moe.atomic import atomic_directory
 from beam_moe.checkpoint import CONFIG_FILE, WEIGHTS_FILE, adapter_state_dict, load_beam, read_adapter_config
 from beam_moe.config import BeamConfig
 from beam_moe.errors import BeamError
+from beam_moe.outputs import check_output_folder
 
 FORMAT = "beam-moe-merged"
 FORMAT_VERSION = 2
@@ -75,17 +76,29 @@ def _resolve_base_folder(name_or_path: str) -> Path:
 
 
 def _link_or_copy(source: Path, target: Path) -> None:
+    """A hard link shares the base file's mode; a copy is a new file and gets the umask's."""
     try:
         os.link(source, target)
     except OSError:
-        shutil.copy2(source, target)
+        shutil.copyfile(source, target)
 
 
-def export_merged(adapter: str | Path, output: str | Path, model: str | Path | None = None) -> Path:
-    """Write the merged checkpoint of `adapter` (on its base, or on `model`) to the new folder `output`.
+def is_merged_checkpoint(folder: Path) -> bool:
+    """Whether `folder` holds what `export_merged` writes (a config.json with a beam_export section)."""
+    try:
+        return "beam_export" in json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def export_merged(
+    adapter: str | Path, output: str | Path, model: str | Path | None = None, overwrite: bool = False
+) -> Path:
+    """Write the merged checkpoint of `adapter` (on its base, or on `model`) to the folder `output`.
 
     The adapter is first loaded onto the base (`load_beam`, so a wrong base is refused); the folder
-    appears in one step when everything is written.
+    appears in one step when everything is written. An earlier merged checkpoint in `output` is
+    replaced only with `overwrite` (`beam_moe.outputs`).
     """
     from transformers import AutoModelForCausalLM
 
@@ -94,8 +107,7 @@ def export_merged(adapter: str | Path, output: str | Path, model: str | Path | N
     base_name = str(model or document["base"].get("name_or_path") or "")
     if not base_name:
         raise BeamError(f"the adapter at {adapter} does not name its base model; pass --model")
-    if output.exists() and (not output.is_dir() or any(output.iterdir())):
-        raise BeamError(f"{output} already exists and is not an empty folder; choose a new output folder")
+    check_output_folder(output, overwrite=overwrite, ours=is_merged_checkpoint, what="a merged checkpoint")
     base_folder = _resolve_base_folder(base_name)
     if not any((base_folder / name).is_file() for name in TOKENIZER_FILES):
         raise BeamError(
@@ -113,12 +125,12 @@ def export_merged(adapter: str | Path, output: str | Path, model: str | Path | N
     architectures = base_config.get("architectures") or [type(base_model).__name__]
     del base_model
 
-    with atomic_directory(output) as staging:
+    with atomic_directory(output, replace=True) as staging:
         for entry in sorted(base_folder.iterdir()):
             if entry.is_file() and entry.name not in _SKIPPED_BASE_FILES and not entry.name.startswith("."):
                 _link_or_copy(entry, staging / entry.name)
-        shutil.copy2(adapter / CONFIG_FILE, staging / CONFIG_FILE)
-        shutil.copy2(adapter / WEIGHTS_FILE, staging / WEIGHTS_FILE)
+        shutil.copyfile(adapter / CONFIG_FILE, staging / CONFIG_FILE)
+        shutil.copyfile(adapter / WEIGHTS_FILE, staging / WEIGHTS_FILE)
         if (base_folder / INDEX_FILE).is_file():
             _add_masks_to_index(staging / INDEX_FILE, staging / WEIGHTS_FILE)
         config = dict(base_config)

@@ -20,7 +20,9 @@ from beam_moe import BeamConfig, attach, beam_stats, save_beam
 from beam_moe.adapters import family_for
 from beam_moe.atomic import atomic_directory
 from beam_moe.attach import get_attachment
+from beam_moe.checkpoint import CONFIG_FILE
 from beam_moe.errors import BeamError
+from beam_moe.outputs import check_output_folder
 from beam_moe.presets import MoEPreset, get_preset
 from beam_moe.tiny_models import BYTE_VOCAB_SIZE, byte_tokenizer, tiny_config
 
@@ -154,6 +156,10 @@ def with_experts_implementation(config, implementation: str):
     return config
 
 
+def _is_test_model(folder: Path) -> bool:
+    return (folder / "base" / "config.json").is_file() and (folder / "adapter" / CONFIG_FILE).is_file()
+
+
 def build_test_model(
     output: str | Path,
     preset: MoEPreset | str = "qwen3-30b-a3b",
@@ -162,13 +168,15 @@ def build_test_model(
     dtype: torch.dtype = torch.bfloat16,
     seed: int = 0,
     calibration_tokens: int = 512,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Write `output/base` (a transformers model folder: the preset's layer sizes, `num_layers`
     layers, random weights, byte tokenizer) and `output/adapter` (a BEAM adapter whose mask heads
     keep `avg_k` experts per token on average), atomically. Returns a summary.
 
     The heads are random linear maps plus one bias per layer, calibrated on random tokens so
-    that each layer keeps the target share of its Top-K pairs.
+    that each layer keeps the target share of its Top-K pairs. An earlier test model in `output`
+    is replaced only with `overwrite` (`beam_moe.outputs`).
     """
     from transformers import AutoModelForCausalLM
 
@@ -179,11 +187,12 @@ def build_test_model(
         )
     if num_layers < 1:
         raise BeamError(f"--layers must be at least 1, got {num_layers}")
+    check_output_folder(output, overwrite=overwrite, ours=_is_test_model, what="a beam-moe test model")
     torch.manual_seed(seed)
     config = preset_config(spec, num_layers=num_layers)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
     output = Path(output).absolute()
-    with atomic_directory(output) as staging:
+    with atomic_directory(output, replace=True) as staging:
         model.save_pretrained(staging / "base")
         byte_tokenizer().save_pretrained(staging / "base")
         model.config._name_or_path = str(output / "base")

@@ -5,6 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 
+from beam_moe.cli._output import add_output_arguments
+
+FILE_OUTPUT = {
+    "metavar": "FILE",
+    "required": False,
+    "overwrite_help": "replace an existing --output file",
+}
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("bench", help="speed benchmarks: one MoE layer, or generation")
@@ -34,13 +42,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--max-gather-gb", type=float, default=2.0, help="skip batched_mm when it would gather more weights"
     )
     layer.add_argument("--seed", type=int, default=0)
-    layer.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="torch CPU threads (default: the cores other processes leave free at the start)",
-    )
-    layer.add_argument("--output", default=None, help="also write the JSON result to this file")
+    add_output_arguments(layer, "also write the JSON result to this file", **FILE_OUTPUT)
     layer.add_argument("--json", action="store_true", help="print JSON instead of a table")
     layer.set_defaults(func=run_layer)
 
@@ -60,13 +62,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     generate.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     generate.add_argument("--dtype", default="bfloat16")
     generate.add_argument("--seed", type=int, default=0)
-    generate.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="torch CPU threads (default: the cores other processes leave free at the start)",
-    )
-    generate.add_argument("--output", default=None, help="also write the JSON result to this file")
+    add_output_arguments(generate, "also write the JSON result to this file", **FILE_OUTPUT)
     generate.add_argument("--json", action="store_true", help="print JSON instead of a table")
     generate.set_defaults(func=run_generate)
 
@@ -74,7 +70,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "make-model",
         help="write a real-size test model (random weights) and a BEAM adapter calibrated to an Avg-K",
     )
-    make.add_argument("output", help="folder to create: OUTPUT/base and OUTPUT/adapter")
+    add_output_arguments(make, "folder to create: DIR/base and DIR/adapter")
     make.add_argument("--preset", default="qwen3-30b-a3b")
     make.add_argument("--layers", type=int, default=4, help="decoder layers (default 4)")
     make.add_argument("--avg-k", type=float, default=1.23, help="target kept experts per token")
@@ -97,6 +93,12 @@ def _device(name: str | None):
     return device
 
 
+def _check_output(args: argparse.Namespace) -> None:
+    from beam_moe.outputs import check_output_file
+
+    check_output_file(args.output, overwrite=args.overwrite)
+
+
 def _emit(document: dict, args: argparse.Namespace, table: list[str]) -> None:
     text = json.dumps(document, indent=2)
     if args.output:
@@ -114,6 +116,7 @@ def run_layer(args: argparse.Namespace) -> int:
     from beam_moe.loading import parse_dtype
     from beam_moe.presets import get_preset
 
+    _check_output(args)
     preset = get_preset(args.preset)
     tokens = parse_tokens(args.tokens)
     compare = [b for b in (args.compare_backends or "").split(",") if b]
@@ -148,6 +151,7 @@ def run_generate(args: argparse.Namespace) -> int:
     from beam_moe.bench.layer import parse_tokens
     from beam_moe.loading import parse_dtype
 
+    _check_output(args)
     document = bench_generate(
         args.adapter,
         base=args.base,
@@ -187,6 +191,7 @@ def run_make_model(args: argparse.Namespace) -> int:
         avg_k=args.avg_k,
         dtype=parse_dtype(args.dtype),
         seed=args.seed,
+        overwrite=args.overwrite,
     )
     if args.json:
         print(json.dumps(summary, indent=2))

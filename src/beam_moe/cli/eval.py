@@ -13,6 +13,7 @@ from beam_moe.cli._evaluation import (
     check_baseline_arguments,
     dump_json,
 )
+from beam_moe.cli._output import add_output_arguments
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -37,7 +38,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_model_arguments(parser)
     add_text_arguments(parser)
     add_baseline_arguments(parser)
-    parser.add_argument("--output", help="also write the JSON result to this file")
+    add_output_arguments(
+        parser,
+        "also write the JSON result to this file",
+        metavar="FILE",
+        required=False,
+        overwrite_help="replace an existing --output file",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.set_defaults(func=run)
 
@@ -46,7 +53,9 @@ def run(args: argparse.Namespace) -> int:
     from beam_moe.errors import require
     from beam_moe.eval import DEFAULT_PPL_FILE, measured_flops, perplexity, read_texts, run_tasks
     from beam_moe.eval.load import load_eval_model
+    from beam_moe.outputs import check_output_file
 
+    check_output_file(args.output, overwrite=args.overwrite)
     if args.tasks:
         require("lm_eval", "eval", "--tasks")  # before the model loads, not after
     check_baseline_arguments(args)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from beam_moe.cli._output import add_output_arguments
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -15,7 +17,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "it with beam_moe.from_pretrained(DIR).",
     )
     parser.add_argument("adapter", help="a BEAM adapter folder (beam_config.json + beam_adapter.safetensors)")
-    parser.add_argument("--output", "-o", required=True, help="the new merged checkpoint folder")
+    add_output_arguments(parser, "the merged checkpoint folder")
     parser.add_argument(
         "--model", help="the base model folder or Hub id (default: the one the adapter names)"
     )
@@ -26,7 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from beam_moe.merged import export_merged, read_merged_config
 
-    output = export_merged(args.adapter, args.output, model=args.model)
+    output = export_merged(args.adapter, args.output, model=args.model, overwrite=args.overwrite)
     config = json.loads((output / "config.json").read_text())
     summary = {
         "output": str(output),

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from beam_moe.cli._output import add_output_arguments
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     from beam_moe.refmoe.experiment import Recipe
@@ -19,7 +21,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "(Top-K pruning, Top-P, threshold) at the same Avg-K, times the MoE layers, and writes "
         "report.md, results.json, sweep.png, analysis/ and the adapter into --output (all at once).",
     )
-    p.add_argument("--output", default=defaults.output, help=f"output folder ({defaults.output})")
+    add_output_arguments(p, f"output folder ({defaults.output})", required=False, default=defaults.output)
     p.add_argument(
         "--target-avg-k",
         type=float,
@@ -66,7 +68,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-bench", action="store_true", help="skip the MoE-layer timing")
     p.add_argument("--data-dir", help="the prepared corpus (default: data/corpus of the checkout)")
     p.add_argument("--seed", type=int, default=recipe.seed)
-    p.add_argument("--overwrite", action="store_true", help="replace an earlier quickstart report")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="print results.json instead of the table")
     p.set_defaults(func=run)

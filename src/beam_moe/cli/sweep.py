@@ -6,6 +6,9 @@ import argparse
 from pathlib import Path
 
 from beam_moe.cli._evaluation import add_model_arguments, add_text_arguments, dump_json
+from beam_moe.cli._output import add_output_arguments
+
+SWEEP_FILE = "sweep.json"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -16,15 +19,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="perplexity vs Avg-K: BEAM adapters against Top-K, Top-P, threshold and random baselines",
         description="Evaluates the base model, each BEAM adapter and each baseline over a grid of its "
         "parameter on the same text, then calibrates each baseline to every adapter's Avg-K. Writes "
-        "sweep.json, sweep.md and sweep.png into --out (all at once).",
+        "sweep.json, sweep.md and sweep.png into --output (all at once; an earlier sweep there is "
+        "replaced only with --overwrite).",
     )
     parser.add_argument(
         "adapters", nargs="*", metavar="ADAPTER", help="BEAM adapter folders (one base model)"
     )
     parser.add_argument("--ppl", required=True, metavar="FILE", help="evaluation text: .jsonl or .txt")
-    parser.add_argument(
-        "--out", required=True, metavar="DIR", help="folder for sweep.json, sweep.md, sweep.png"
-    )
+    add_output_arguments(parser, "folder for sweep.json, sweep.md, sweep.png")
     parser.add_argument(
         "--baselines",
         default=",".join(BASELINES),
@@ -49,8 +51,10 @@ def run(args: argparse.Namespace) -> int:
     from beam_moe.eval.plots import plot_sweep
     from beam_moe.eval.sweep import sweep, sweep_markdown
     from beam_moe.eval.text import read_texts
+    from beam_moe.outputs import check_output_folder
 
     require("matplotlib", "eval", "sweep.png")  # before the sweep runs, not after
+    check_output_folder(args.output, overwrite=args.overwrite, ours=SWEEP_FILE, what="a beam-moe sweep")
     baselines = [name.strip() for name in args.baselines.split(",") if name.strip()]
     for name in baselines:
         get_baseline(name)
@@ -83,14 +87,14 @@ def run(args: argparse.Namespace) -> int:
         base_model=loaded["base_model"], data=args.ppl, calibration_data=args.calibration_data or args.ppl
     )
     markdown = sweep_markdown(result)
-    with atomic_directory(args.out) as staging:
-        (staging / "sweep.json").write_text(dump_json(result))
+    with atomic_directory(args.output, replace=True) as staging:
+        (staging / SWEEP_FILE).write_text(dump_json(result))
         (staging / "sweep.md").write_text(markdown)
         plot_sweep(result, staging / "sweep.png")
     print(
         dump_json(result)
         if args.json
-        else markdown + f"wrote {Path(args.out)}/sweep.json, sweep.md, sweep.png\n",
+        else markdown + f"wrote {Path(args.output)}/sweep.json, sweep.md, sweep.png\n",
         end="",
     )
     return 0

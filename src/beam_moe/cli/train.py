@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from beam_moe.cli._output import add_output_arguments
+
 
 def _default(name: str):
     """`TrainConfig`'s default for a field: the CLI, the Python API and the quickstart share them."""
@@ -33,7 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="extend",
         help=".jsonl (text or messages), .txt, or folders; repeatable",
     )
-    p.add_argument("--output", required=True, help="output folder (a BEAM adapter when finished)")
+    add_output_arguments(p, "output folder (a BEAM adapter when finished)")
     p.add_argument(
         "--val-data",
         nargs="+",
@@ -166,7 +168,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="validate every N steps (0: at the end)",
     )
     p.add_argument("--resume", action="store_true", help="continue the run in --output from its checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="replace a previous run in --output")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-tensorboard", action="store_true", help="no TensorBoard logs even when installed")
     p.add_argument("--json", action="store_true", help="print the final metrics as JSON")

@@ -22,6 +22,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from beam_moe.errors import BeamError
+from beam_moe.outputs import check_output_folder
 from beam_moe.refmoe.architecture import REFERENCE_SHAPE
 from beam_moe.refmoe.compare import comparison, comparison_markdown, verdict_lines
 from beam_moe.refmoe.experiment import (
@@ -73,17 +74,9 @@ class QuickstartConfig:
                 f"--bench-tokens may not exceed --eval-length ({self.eval_length}): the timed "
                 "sequences are held-out evaluation windows"
             )
-        output = Path(self.output)
-        if output.exists() and not output.is_dir():
-            raise BeamError(f"{output} exists and is not a folder; pick another --output")
-        if output.is_dir() and any(output.iterdir()):
-            if not (output / RESULTS_FILE).is_file():
-                raise BeamError(
-                    f"{output} is not empty and holds no quickstart results; pick another --output "
-                    "(a folder that is not a quickstart output is never overwritten)"
-                )
-            if not self.overwrite:
-                raise BeamError(f"{output} already holds a quickstart report; pass --overwrite to replace it")
+        check_output_folder(
+            self.output, overwrite=self.overwrite, ours=RESULTS_FILE, what="a quickstart report"
+        )
 
     def to_dict(self) -> dict[str, Any]:
         document = asdict(self)
@@ -157,7 +150,10 @@ def run_quickstart(config: QuickstartConfig) -> dict[str, Any]:
     )
     started = time.perf_counter()
     try:
-        with atomic_directory(config.output) as staging, tempfile.TemporaryDirectory() as scratch:
+        with (
+            atomic_directory(config.output, replace=True) as staging,
+            tempfile.TemporaryDirectory() as scratch,
+        ):
             stages.start("training text")
             data_file = Path(scratch) / "train.jsonl"
             text_sizes = write_training_text(

@@ -25,12 +25,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from beam_moe.atomic import atomic_directory, atomic_write_text
+from beam_moe.atomic import atomic_directory, atomic_write_text, publish_mode
 from beam_moe.attach import get_attachment
 from beam_moe.checkpoint import CONFIG_FILE, save_beam
 from beam_moe.errors import BeamError, require
 from beam_moe.identity import router_fingerprint
 from beam_moe.mask import MaskHead
+from beam_moe.outputs import check_output_folder
 from beam_moe.train.checkpointing import checkpoint_dirs
 from beam_moe.train.config import TrainConfig
 
@@ -45,13 +46,18 @@ WEIGHT_KINDS = {
 }
 
 
+def is_training_output(path: Path) -> bool:
+    """A run's folder: a finished one (a BEAM adapter) or one that recorded its options."""
+    return (path / CONFIG_FILE).is_file() or (path / TRAINING_ARGS).is_file()
+
+
 def check_output(config: TrainConfig) -> Path:
-    """Refuse an output folder this run must not touch; writes nothing."""
+    """Refuse an output folder this run must not touch (`beam_moe.outputs`); writes nothing."""
     path = Path(config.output)
     if path.exists() and not path.is_dir():
         raise BeamError(f"--output {path} exists and is not a folder")
     finished = (path / CONFIG_FILE).is_file()
-    ours = finished or (path / TRAINING_ARGS).is_file()
+    ours = is_training_output(path)
     if config.resume:
         if finished:
             raise BeamError(f"{path} already holds a finished run (it has {CONFIG_FILE}); nothing to resume")
@@ -69,32 +75,25 @@ def check_output(config: TrainConfig) -> Path:
                 f"--resume must repeat the options of the run in {path}; these differ: {'; '.join(differences)}"
             )
         return path
-    if path.is_dir() and any(path.iterdir()):
-        if config.overwrite and not ours:
-            raise BeamError(
-                f"{path} is not empty and is not a beam-moe training output; refusing to overwrite it. "
-                "Choose another --output"
-            )
-        if not config.overwrite and finished:
-            raise BeamError(
-                f"{path} already holds a finished run; pass --overwrite to replace it or choose another --output"
-            )
-        if not config.overwrite and ours:
-            raise BeamError(
-                f"{path} holds an unfinished run; pass --resume to continue it or --overwrite to start over"
-            )
-        if not config.overwrite:
-            raise BeamError(f"{path} is not empty; choose an empty or new --output folder")
+    if ours and not finished and not config.overwrite:
+        raise BeamError(
+            f"{path} holds an unfinished run; pass --resume to continue it or --overwrite to start over"
+        )
+    check_output_folder(
+        path, overwrite=config.overwrite, ours=is_training_output, what="a beam-moe training run"
+    )
     return path
 
 
 def start_output(config: TrainConfig, path: Path) -> None:
-    """Create the folder (replacing an old run with --overwrite) and record the options."""
+    """Create the folder (replacing an old run with --overwrite, keeping its mode) and record the options."""
     if config.resume:
         return
+    mode = publish_mode(path, folder=True)
     if config.overwrite and path.exists():
         shutil.rmtree(path)
     path.mkdir(parents=True, exist_ok=True)
+    path.chmod(mode)
     atomic_write_text(path / TRAINING_ARGS, json.dumps(config.to_dict(), indent=2) + "\n")
 
 
@@ -156,6 +155,7 @@ def write_result(
         routers = {k: v for k, v in trained.items() if k in names}
         staging = path / f".{ROUTERS_FILE}.tmp"
         save_file(routers, staging)
+        staging.chmod(publish_mode(path / ROUTERS_FILE, folder=False))  # safetensors writes it private
         staging.replace(path / ROUTERS_FILE)
     elif config.train == "lora":
         with atomic_directory(path / LORA_DIR) as staging:
