@@ -53,7 +53,7 @@ def _add_threads(parser: argparse.ArgumentParser) -> None:
             type=int,
             default=None,
             metavar="N",
-            help="torch CPU threads (default: the cores other processes leave free, checked as it runs)",
+            help="torch CPU threads (default: the cores other processes leave free; training and evaluation look again as they run)",
         )
 
 
