@@ -227,7 +227,9 @@ def test_ctrl_c_stops_every_process_and_leaves_no_shared_memory(server):
     for entry in group_processes(process.pid):
         with contextlib.suppress(OSError):
             segments |= {
-                line.split()[-1] for line in (entry / "maps").read_text().splitlines() if "/dev/shm/" in line
+                line[line.index("/dev/shm/") :].split()[0]
+                for line in (entry / "maps").read_text().splitlines()
+                if "/dev/shm/" in line
             }
     assert segments, "tensor-parallel workers talk through shared memory"
     os.killpg(process.pid, signal.SIGINT)
