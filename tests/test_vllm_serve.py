@@ -8,6 +8,7 @@ more on 2 cores); the argument checks run without it and without starting vLLM.
 """
 
 import contextlib
+import importlib.metadata
 import io
 import json
 import os
@@ -29,6 +30,7 @@ pytest.importorskip("vllm")
 
 from beam_moe import beam_stats, from_pretrained
 from beam_moe.cli import main
+from beam_moe.serving.vllm.server import VllmCpuAlias, install_vllm_cpu_alias
 from serving_models import save_base, save_merged
 
 REQUESTS = 16
@@ -239,6 +241,29 @@ def test_ctrl_c_stops_every_process_and_leaves_no_shared_memory(server):
         assert time.monotonic() < deadline, "vLLM processes outlived the command: " + log.read_text()[-3000:]
         time.sleep(0.5)
     assert not [path for path in segments if Path(path).exists()], log.read_text()[-3000:]
+
+
+def test_the_cpu_wheel_answers_to_its_own_name_once():
+    """`vllm serve` looks up the distribution "vllm"; vllm-cpu's answer must select the CPU platform, as
+    vLLM's own fallback does, without listing the wheel's entry points twice."""
+    try:
+        importlib.metadata.distribution("vllm")
+        pytest.skip("a `vllm` distribution is installed (the GPU build): nothing to alias")
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    from vllm.platforms import vllm_version_matches_substr
+
+    plugins = sorted(ep.name for ep in importlib.metadata.entry_points(group="vllm.general_plugins"))
+    install_vllm_cpu_alias()
+    try:
+        assert importlib.metadata.version("vllm") == importlib.metadata.version("vllm-cpu") + "+cpu"
+        assert importlib.metadata.metadata("vllm")["Name"] == "vllm"
+        assert vllm_version_matches_substr("cpu")
+        assert (
+            sorted(ep.name for ep in importlib.metadata.entry_points(group="vllm.general_plugins")) == plugins
+        )
+    finally:
+        sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, VllmCpuAlias)]
 
 
 @pytest.fixture(scope="module")
