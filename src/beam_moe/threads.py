@@ -27,9 +27,24 @@ PROBE_S = 0.1
 RECHECK_S = 5.0
 
 
+_policy_set_here = False
+
+
 def prepare_environment() -> None:
     """OpenMP reads its wait policy once, when torch loads it: call this before importing torch."""
-    os.environ.setdefault(WAIT_POLICY, "PASSIVE")
+    global _policy_set_here
+    if WAIT_POLICY not in os.environ:
+        os.environ[WAIT_POLICY] = "PASSIVE"
+        _policy_set_here = True
+
+
+def leave_to_the_engine() -> None:
+    """For a command whose engine places its own threads (`beam-moe serve`: vLLM binds one per
+    core): its processes do not inherit the wait policy set here."""
+    global _policy_set_here
+    if _policy_set_here:
+        os.environ.pop(WAIT_POLICY, None)
+        _policy_set_here = False
 
 
 def usable_cores() -> int:

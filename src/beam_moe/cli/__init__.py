@@ -41,13 +41,13 @@ def _add_debug(parser: argparse.ArgumentParser, default: object) -> None:
 
 
 def _add_threads(parser: argparse.ArgumentParser) -> None:
-    """`--threads` on every command that has none of its own (`bench` commands have theirs)."""
+    """`--threads` on every command, except one whose engine places its own threads (`serve`)."""
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             for sub in action.choices.values():
                 _add_threads(sub)
             return
-    if not any("--threads" in action.option_strings for action in parser._actions):
+    if not parser.get_default("engine_threads"):
         parser.add_argument(
             "--threads",
             type=int,
@@ -96,7 +96,10 @@ def main(argv: list[str] | None = None) -> int:
             warnings.showwarning = show
             if getattr(args, "threads", None) is not None and args.threads < 1:
                 raise BeamError(f"--threads must be at least 1, got {args.threads}")
-            threads.govern(getattr(args, "threads", None))
+            if getattr(args, "engine_threads", False):
+                threads.leave_to_the_engine()
+            else:
+                threads.govern(args.threads)
             return int(args.func(args) or 0)
     except BeamError as e:
         if args.debug:

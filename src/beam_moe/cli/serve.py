@@ -34,7 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="vLLM args",
         help="options for `vllm serve`, passed unchanged (e.g. --port 8000 --enforce-eager)",
     )
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=run, engine_threads=True)  # vLLM binds its own threads
 
 
 def run(args: argparse.Namespace) -> int:
