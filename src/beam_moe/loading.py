@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from beam_moe.errors import BeamError
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 DTYPES = {
     "float32": torch.float32,
@@ -33,7 +36,9 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE") == "1"
 
 
-def model_source(name_or_path: str | Path, what: str = "the model") -> tuple[str, bool]:
+def model_source(
+    name_or_path: str | Path, what: str = "the model", need_config: bool = True
+) -> tuple[str, bool]:
     """(name, is_local): an existing model folder, or a name that can only be a Hub id.
 
     A path that does not exist is refused here with "no such folder": handed to transformers it
@@ -46,7 +51,7 @@ def model_source(name_or_path: str | Path, what: str = "the model") -> tuple[str
     if path.exists():
         if not path.is_dir():
             raise BeamError(f"{what} {name} is a file; pass a transformers model folder (with config.json)")
-        if not (path / "config.json").is_file():
+        if need_config and not (path / "config.json").is_file():
             raise BeamError(f"{name} is not a transformers model folder (no config.json)")
         return str(path), True
     try:
@@ -70,13 +75,12 @@ def _not_found(name: str, is_local: bool, error: Exception) -> str:
     return f"no such folder: {name}, and the Hub could not provide it either ({error})"
 
 
-def load_model_config(name_or_path: str | Path, what: str = "the model"):
+def load_model_config(name_or_path: str | Path, what: str = "the model") -> PretrainedConfig:
     """The transformers config of an MoE model BEAM supports, read without loading any weight.
 
     A dense model (or an MoE config whose layers are all dense) is refused here, before the
     weights are read: loading a large model only to refuse it costs minutes.
     """
-    import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from beam_moe.adapters import family_for
@@ -129,7 +133,7 @@ def load_base_model(
 def load_tokenizer(name_or_path: str | Path):
     from transformers import AutoTokenizer
 
-    name, is_local = model_source(name_or_path, "the tokenizer's model")
+    name, is_local = model_source(name_or_path, "the tokenizer's folder", need_config=False)
     try:
         return AutoTokenizer.from_pretrained(name, local_files_only=is_local or _offline())
     except (OSError, ValueError) as e:
