@@ -59,11 +59,11 @@ def mask_layer_index(name: str) -> int:
 
 
 def _resolve_base_folder(name_or_path: str) -> Path:
-    path = Path(name_or_path)
-    if path.exists():
-        if not (path / "config.json").is_file():
-            raise BeamError(f"{path} is not a transformers model folder (no config.json)")
-        return path
+    from beam_moe.loading import model_source
+
+    name, is_local = model_source(name_or_path, "the base model")
+    if is_local:
+        return Path(name)
     try:
         from huggingface_hub import snapshot_download
 

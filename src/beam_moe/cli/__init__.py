@@ -5,6 +5,8 @@ line naming it and exits 1. `--debug` (before or after the command) prints the t
 
 Threads: OpenMP's wait policy is set before torch is imported and torch uses the cores other
 processes leave free, unless `--threads N` (beam_moe/threads.py says why).
+
+Ctrl-C exits 130; a command that can continue later sets `on_interrupt(args, argv)`, which says how.
 """
 
 from __future__ import annotations
@@ -80,6 +82,7 @@ def _first_line(error: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     threads.prepare_environment()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     where = f"beam-moe {args.command}"
     shown = warnings.showwarning
@@ -107,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{where}: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
-        print(f"{where}: interrupted", file=sys.stderr)
+        hint = args.on_interrupt(args, argv) if getattr(args, "on_interrupt", None) else None
+        print(f"{where}: interrupted" + (f"; {hint}" if hint else ""), file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as e:
         if args.debug:

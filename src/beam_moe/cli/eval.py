@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 from beam_moe.cli._evaluation import (
@@ -38,6 +39,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_model_arguments(parser)
     add_text_arguments(parser)
     add_baseline_arguments(parser)
+    parser.add_argument(
+        "--no-base",
+        action="store_true",
+        help="skip the base model's perplexity (with every Top-K expert) shown beside the adapter's; "
+        "it costs one more pass over the text",
+    )
     add_output_arguments(
         parser,
         "also write the JSON result to this file",
@@ -50,10 +57,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from beam_moe.attach import set_routing_policy
     from beam_moe.errors import require
     from beam_moe.eval import DEFAULT_PPL_FILE, measured_flops, perplexity, read_texts, run_tasks
     from beam_moe.eval.load import load_eval_model
     from beam_moe.outputs import check_output_file
+    from beam_moe.train.objectives import keep_all, masks_off
 
     check_output_file(args.output, overwrite=args.overwrite)
     if args.tasks:
@@ -63,12 +72,11 @@ def run(args: argparse.Namespace) -> int:
     if ppl_file is not None:
         read_texts(ppl_file, text_key=args.text_key)  # a missing or empty file fails before the model loads
     model, tokenizer, loaded = load_eval_model(args.path, args.model, args.dtype, args.device)
-    routing = apply_routing(args, model, tokenizer, ppl_file or str(DEFAULT_PPL_FILE))
-    mask_head = routing["method"] == "beam"
-    document: dict[str, Any] = {**loaded, "routing": routing}
-    per_layer = None
-    if ppl_file is not None:
-        result = perplexity(
+    warn_long_windows(args.max_length, model.config)
+    plain_base = loaded["adapter"] is None and args.baseline is None
+
+    def measure():
+        return perplexity(
             model,
             tokenizer,
             ppl_file,
@@ -78,8 +86,31 @@ def run(args: argparse.Namespace) -> int:
             text_key=args.text_key,
             progress=not args.json,
         )
+
+    document: dict[str, Any] = dict(loaded)
+    if ppl_file is not None and not plain_base and not args.no_base:
+        with masks_off(model):  # before a baseline's routing is applied: masks_off resets it
+            base = measure()
+        document["base_perplexity"] = {
+            "ppl": base.ppl,
+            "nll": base.nll,
+            "scored_tokens": base.scored_tokens,
+            "routing": "every Top-K expert (masks off)",
+        }
+    if plain_base:
+        set_routing_policy(model, keep_all)  # the base model's own routing: no mask head runs
+        routing: dict[str, Any] = {"method": "base"}
+    else:
+        routing = apply_routing(args, model, tokenizer, ppl_file or str(DEFAULT_PPL_FILE))
+    mask_head = routing["method"] == "beam"
+    document["routing"] = routing
+    per_layer = None
+    if ppl_file is not None:
+        result = measure()
         document["perplexity"] = {"file": ppl_file, **result.to_dict()}
         per_layer = result.per_layer
+        if "base_perplexity" in document:
+            document["ppl_change_vs_base"] = result.ppl / document["base_perplexity"]["ppl"] - 1.0
     if args.tasks:
         limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
         harness = run_tasks(
@@ -100,29 +131,60 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def warn_long_windows(max_length: int, model_config: Any) -> None:
+    """Warn (stderr) when the windows are longer than the model's context.
+
+    Evaluation warns where training refuses: a perplexity past the context is still what the
+    model does there (length extrapolation is a fair question to ask), it just does not compare
+    with numbers measured inside it, and a warning costs the user nothing to ignore.
+    """
+    from beam_moe.loading import context_length
+
+    limit = context_length(model_config)
+    if limit is not None and max_length > limit:
+        print(
+            f"beam-moe eval: warning: --max-length {max_length} is longer than the model's context "
+            f"({limit} tokens, max_position_embeddings): tokens past it are scored at positions the "
+            f"model was not trained for; pass --max-length {limit} for a perplexity within its context",
+            file=sys.stderr,
+        )
+
+
 def table(document: dict[str, Any]) -> str:
     routing = document["routing"]
-    how = (
-        "BEAM mask heads"
-        if routing["method"] == "beam"
-        else f"{routing['method']} {routing['param_name']}={routing['param']:g}"
-    )
+    method = routing["method"]
+    if method == "base":
+        how = "the base model's own (every Top-K expert)"
+    elif method == "beam":
+        how = "BEAM mask heads" + (" (training checkpoint)" if document.get("checkpoint_of") else "")
+    else:
+        how = f"{method} {routing['param_name']}={routing['param']:g}"
     flops = document["flops"]
+    name = document["adapter"] or document["base_model"]
     lines = [
-        f"model       {document['adapter'] or document['base_model']}  (base: {document['base_model']})",
+        f"model       {name}" + ("" if method == "base" else f"  (base: {document['base_model']})"),
         f"routing     {how}",
         f"Avg-K       {flops['avg_k']:.3f} of Top-K {flops['top_k']}",
     ]
     if "perplexity" in document:
         p = document["perplexity"]
         lines.append(f"perplexity  {p['ppl']:.4f}  ({p['scored_tokens']} tokens of {p['file']})")
+        if "base_perplexity" in document:
+            who = "BEAM" if method == "beam" else method
+            lines.append(
+                f"base        {document['base_perplexity']['ppl']:.4f}  (every Top-K expert, the same tokens): "
+                f"{who} {document['ppl_change_vs_base']:+.2%}"
+            )
         lines.append("per layer   " + " ".join(f"{k:.2f}" for k in p["per_layer"].values()))
-        if p.get("zero_kept"):
+        if p.get("zero_kept") and method != "base":
             lines.append("no expert   " + " ".join(f"{z:.1%}" for z in p["zero_kept"].values()))
-    lines.append(
-        f"MoE FLOPs   {flops['masked']['total'] / 1e6:.3f} of {flops['base']['total'] / 1e6:.3f} MFLOPs/token: "
-        f"{flops['moe_flops_reduction']:.1%} saved (at most {flops['max_reduction']:.1%})"
-    )
+    if method == "base":
+        lines.append(f"MoE FLOPs   {flops['base']['total'] / 1e6:.3f} MFLOPs/token (the base model's)")
+    else:
+        lines.append(
+            f"MoE FLOPs   {flops['masked']['total'] / 1e6:.3f} of {flops['base']['total'] / 1e6:.3f} "
+            f"MFLOPs/token: {flops['moe_flops_reduction']:.1%} saved (at most {flops['max_reduction']:.1%})"
+        )
     for task, metrics in document.get("lm_eval", {}).get("results", {}).items():
         shown = ", ".join(
             f"{k.split(',')[0]} {v:.4g}"

@@ -21,7 +21,14 @@ def describe(path: str) -> dict:
     from beam_moe.adapters import FAMILIES, family_for
     from beam_moe.checkpoint import CONFIG_FILE, read_adapter_config
     from beam_moe.errors import BeamError
+    from beam_moe.loading import model_source
 
+    merged = _merged(Path(path))
+    if merged is not None:
+        return merged
+    checkpoint = _checkpoint(Path(path))
+    if checkpoint is not None:
+        return checkpoint
     if (Path(path) / CONFIG_FILE).is_file():
         document = read_adapter_config(path)
         base = document["base"]
@@ -38,8 +45,9 @@ def describe(path: str) -> dict:
         }
     if not Path(path).exists() and (path.startswith((".", "/")) or path.count("/") != 1):
         raise BeamError(f"{path} does not exist (expected a model folder, an adapter folder or a Hub id)")
+    name, is_local = model_source(path)
     try:
-        config = AutoConfig.from_pretrained(path, local_files_only=Path(path).exists())
+        config = AutoConfig.from_pretrained(name, local_files_only=is_local)
     except (OSError, ValueError) as e:
         raise BeamError(f"{path} is neither a BEAM adapter nor a transformers model folder ({e})") from e
     with torch.device("meta"):
@@ -64,6 +72,58 @@ def describe(path: str) -> dict:
     else:
         info["supported_families"] = list(FAMILIES)
     return info
+
+
+def _merged(path: Path) -> dict | None:
+    """An exported checkpoint (`beam-moe export`): the base's files, the masks and a BEAM config.json."""
+    from beam_moe.merged import FORMAT
+
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    export = config.get("beam_export") if isinstance(config, dict) else None
+    if not isinstance(export, dict) or export.get("format") != FORMAT:
+        return None
+    from beam_moe.merged import read_merged_config
+
+    export = read_merged_config(config, str(path / "config.json"))
+    return {
+        "kind": "merged BEAM checkpoint (written by beam-moe export)",
+        "path": str(path),
+        "load_with": f"beam_moe.from_pretrained({str(path)!r}), or vLLM with the beam-moe plugin",
+        "exported_from": export.get("base_name_or_path"),
+        "architectures": config.get("architectures"),
+        "model_type": config.get("model_type"),
+        "mask_layers": export["mask_layers"],
+        "config": config.get("beam") or export["config"],
+    }
+
+
+def _checkpoint(path: Path) -> dict | None:
+    """A training checkpoint (`RUN/checkpoints/step-N`): what it belongs to and what to do with it."""
+    from beam_moe.train.checkpointing import run_of_checkpoint
+    from beam_moe.train.output import read_run_config
+
+    run = run_of_checkpoint(path)
+    if run is None:
+        return None
+    config = read_run_config(run)
+    state = json.loads((path / "state.json").read_text())
+    return {
+        "kind": "training checkpoint (written during beam-moe train)",
+        "path": str(path),
+        "run": str(run),
+        "step": state.get("step"),
+        "base_model": config.model,
+        "train": config.train,
+        "target_avg_k": config.target_avg_k,
+        "beta": config.beta,
+        "evaluate": f"beam-moe eval {path}"
+        if config.train in ("mask", "mask+router")
+        else f"finish the run (--resume), then beam-moe eval {run}",
+        "continue": f"the same beam-moe train command with --output {run} --resume",
+    }
 
 
 def run(args: argparse.Namespace) -> int:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
+from pathlib import Path
 
 from beam_moe.cli._output import add_output_arguments
 
@@ -171,7 +173,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-tensorboard", action="store_true", help="no TensorBoard logs even when installed")
     p.add_argument("--json", action="store_true", help="print the final metrics as JSON")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, on_interrupt=resume_hint)
 
 
 def config_from_args(args: argparse.Namespace):
@@ -249,3 +251,20 @@ def run(args: argparse.Namespace) -> int:
                 value = summary[key]
                 print(f"{key:<14}  {value:.4f}" if isinstance(value, float) else f"{key:<14}  {value}")
     return 0
+
+
+def resume_hint(args: argparse.Namespace, argv: list[str]) -> str | None:
+    """After Ctrl-C: the command that continues the run in --output (the same one, with --resume)."""
+    from beam_moe.checkpoint import CONFIG_FILE
+    from beam_moe.train.checkpointing import checkpoint_dirs
+    from beam_moe.train.output import TRAINING_ARGS
+
+    output = Path(args.output)
+    if (output / CONFIG_FILE).is_file() or not (output / TRAINING_ARGS).is_file():
+        return None
+    found = checkpoint_dirs(output)
+    if not found:
+        every = f"every --save-every {args.save_every} steps" if args.save_every else "--save-every is 0"
+        return f"no checkpoint was written yet ({every}); start over with the same command and --overwrite"
+    again = [a for a in argv if a not in ("--overwrite", "--resume")]
+    return f"continue from {found[-1].name} with: beam-moe {shlex.join([*again, '--resume'])}"

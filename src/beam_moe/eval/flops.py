@@ -111,8 +111,11 @@ def folder_shapes(path: str | Path, base: str | Path | None = None) -> tuple[lis
         name = read_adapter_config(path)["base"].get("name_or_path") or ""
         if not name:
             raise BeamError(f"the adapter at {path} does not name its base model; pass --model")
+    from beam_moe.loading import model_source
+
+    name, is_local = model_source(name)
     try:
-        config = AutoConfig.from_pretrained(name, local_files_only=Path(name).exists())
+        config = AutoConfig.from_pretrained(name, local_files_only=is_local)
     except (OSError, ValueError) as e:
         raise BeamError(f"could not read a model config from {name!r}: {e}") from e
     with torch.device("meta"):

@@ -54,6 +54,14 @@ def checkpoint_dirs(output: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def run_of_checkpoint(path: str | Path) -> Path | None:
+    """The run folder of the training checkpoint `path` (`RUN/checkpoints/step-N`), or None if it is not one."""
+    path = Path(path)
+    if _STEP.match(path.name) and path.parent.name == CHECKPOINTS and (path / "state.json").is_file():
+        return path.parent.parent
+    return None
+
+
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Full (gathered) tensors of the trainable parameters, on the CPU. Collective under DDP/FSDP."""
     return {k: v.detach().contiguous() for k, v in get_model_state_dict(model, options=_GATHER).items()}

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from beam_moe import threads
 from beam_moe.attach import attach, get_attachment, mask_regularizer
 from beam_moe.errors import BeamError, require
-from beam_moe.loading import load_base_model, load_tokenizer
+from beam_moe.loading import context_length, load_base_model, load_model_config, load_tokenizer
 from beam_moe.train.budget import (
     BudgetController,
     FixedBeta,
@@ -95,6 +95,21 @@ def trained_dtypes(model: nn.Module) -> dict[str, str]:
     }
 
 
+def check_max_length(max_length: int, model_config: Any) -> None:
+    """Refuse training sequences longer than the model's context (`max_position_embeddings`).
+
+    Training refuses where evaluation only warns: the masks would learn from positions the model
+    was never trained on (rotary embeddings past their range, or an index error for learned
+    positions), and a long run spent on that is lost, while a shorter --max-length costs nothing.
+    """
+    limit = context_length(model_config)
+    if limit is not None and max_length > limit:
+        raise BeamError(
+            f"--max-length {max_length} is longer than the model's context ({limit} tokens: "
+            f"max_position_embeddings in its config.json); pass --max-length {limit} or less"
+        )
+
+
 class Trainer:
     """One training run, set up from a TrainConfig; `run()` trains and writes the output folder."""
 
@@ -108,6 +123,7 @@ class Trainer:
         self.config = config
         self.on_step = on_step
         self.output = check_output(config)
+        check_max_length(config.max_length, load_model_config(config.model))  # before any weight loads
         # Several processes on a machine without CUDA (`accelerate launch --multi_gpu` or torchrun
         # on CPUs): accelerate runs multi-CPU DDP over gloo only when asked for the CPU.
         multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
