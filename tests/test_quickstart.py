@@ -126,3 +126,42 @@ def test_mask_and_router_adapters_are_compared_with_baselines_on_the_stock_model
     base = next(p for p in doc["sweep"]["points"] if p["method"] == "base")
     assert base["ppl"] == doc["comparison"]["base_ppl"]
     assert set(doc["comparison"]["baselines"]) == {"top_k", "top_p", "threshold"}
+
+
+def test_verdicts_say_how_each_baseline_was_compared():
+    """Top-K pruning has whole numbers of experts only: its number at BEAM's fractional Avg-K is
+    interpolated, and the verdict says so; a calibrated baseline's is measured."""
+    from beam_moe.refmoe.compare import verdict_lines
+
+    comp = {
+        "avg_k": 1.56, "top_k": 8, "beam_ppl": 83.59, "base_ppl": 65.0, "ppl_increase": 0.286,
+        "within_5_percent": False,
+        "baselines": {
+            "top_k": {"beam_better": True, "ppl_at_equal_avg_k": 84.237, "ppl_interpolated": 84.237, "avg_k": 2.0},
+            "top_p": {"beam_better": False, "ppl_at_equal_avg_k": 80.1, "avg_k": 1.57},
+        },
+    }  # fmt: skip
+    lines = verdict_lines(comp)
+    top_k = next(line for line in lines if "Top-K pruning" in line)
+    assert (
+        "(83.590 vs 84.237; Top-K pruning interpolated to Avg-K 1.56 between its measured k = 1 and k = 2"
+        in top_k
+    )
+    top_p = next(line for line in lines if "Top-P" in line)
+    assert "**not better** (83.590 vs 80.100; Top-P measured at Avg-K 1.57)" in top_p
+
+
+def test_sweep_plot_draws_every_point_on_a_log_axis():
+    """The left panel is logarithmic even when the k = 0 point is only a few times the base's (a
+    linear axis squashed every curve under it); the zoomed panel stays linear."""
+    from beam_moe.eval.plots import sweep_figure
+
+    points = [{"method": "base", "avg_k": 8.0, "ppl": 60.0, "label": "base"}]
+    points += [
+        {"method": "top_k", "avg_k": float(k), "ppl": 60.0 + 300.0 / (k + 1), "label": f"k={k}"}
+        for k in range(9)
+    ]
+    points += [{"method": "beam", "avg_k": 1.5, "ppl": 75.0, "label": "BEAM"}]
+    figure = sweep_figure({"points": points, "matched": [], "config": {"top_k": 8}})
+    full, zoom = figure.axes[:2]
+    assert full.get_yscale() == "log" and zoom.get_yscale() == "linear"

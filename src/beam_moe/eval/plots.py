@@ -49,8 +49,14 @@ def _save(figure, path: str | Path) -> Path:
 
 def plot_sweep(result: Mapping[str, Any], path: str | Path) -> Path:
     """Perplexity against Avg-K: BEAM adapters as points, each baseline as a curve (its grid and its
-    matched points), the base model as a line. Left: every point; right: zoomed on the range near
-    the base model, where the methods differ most usefully."""
+    matched points), the base model as a line. Left: every point, on a log axis (the k = 0 point
+    is far above the rest); right: zoomed on the range near the base model, where the methods
+    differ most usefully. `beam-moe sweep` and the quickstart both draw with it."""
+    return _save(sweep_figure(result), path)
+
+
+def sweep_figure(result: Mapping[str, Any]):
+    """The figure `plot_sweep` writes."""
     matched = [point for row in result.get("matched", []) for point in row["baselines"].values()]
     points = [*result["points"], *matched]
     top_k = result["config"]["top_k"]
@@ -59,8 +65,7 @@ def plot_sweep(result: Mapping[str, Any], path: str | Path) -> Path:
     for axes in (full, zoom):
         _draw_sweep(axes, points, top_k)
     values = [p["ppl"] for p in points if math.isfinite(p["ppl"])]
-    if values and max(values) / max(min(values), 1e-12) > 20:
-        full.set_yscale("log")
+    full.set_yscale("log")
     base = next((p["ppl"] for p in points if p["method"] == "base"), min(values) if values else 1.0)
     beam = [p["ppl"] for p in points if p["method"] == "beam" and math.isfinite(p["ppl"])]
     top = 1.15 * max(beam) if beam else 1.25 * base
@@ -69,7 +74,7 @@ def plot_sweep(result: Mapping[str, Any], path: str | Path) -> Path:
     zoom.set_title("Near the base model (zoom)")
     full.legend(fontsize=8)
     figure.suptitle("Quality against compute: BEAM and baselines at equal Avg-K")
-    return _save(figure, path)
+    return figure
 
 
 def _draw_sweep(axes, points: list[Mapping[str, Any]], top_k: int) -> None:

@@ -122,6 +122,20 @@ def verdict_lines(comp: Mapping[str, Any]) -> list[str]:
             word = "better" if entry["beam_better"] else "not better"
             out.append(
                 f"- BEAM vs {label} at equal Avg-K: **{word}** "
-                f"({comp['beam_ppl']:.3f} vs {entry['ppl_at_equal_avg_k']:.3f})."
+                f"({comp['beam_ppl']:.3f} vs {entry['ppl_at_equal_avg_k']:.3f}; {_how_compared(comp, entry, label)})."
             )
     return out
+
+
+def _how_compared(comp: Mapping[str, Any], entry: Mapping[str, Any], label: str) -> str:
+    """Where the baseline's number comes from: measured at its calibrated setting, or (Top-K pruning,
+    whole numbers of experts only) interpolated between its two neighbouring k."""
+    if entry.get("ppl_interpolated") is None:
+        return f"{label} measured at Avg-K {entry['avg_k']:.2f}"
+    low, high = math.floor(comp["avg_k"]), math.ceil(comp["avg_k"])
+    if low == high:
+        return f"{label} measured at k = {low}"
+    return (
+        f"{label} interpolated to Avg-K {comp['avg_k']:.2f} between its measured k = {low} and k = {high} "
+        "(linear in mean NLL)"
+    )
