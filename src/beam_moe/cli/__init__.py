@@ -35,6 +35,28 @@ def _add_debug(parser: argparse.ArgumentParser, default: object) -> None:
                 _add_debug(sub, argparse.SUPPRESS)
 
 
+def _show_defaults(parser: argparse.ArgumentParser) -> None:
+    """End every option's help on `parser` and the commands under it with its default.
+
+    Skipped where there is none to show (flags, None, empty) or the help already states it.
+    """
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _show_defaults(sub)
+            continue
+        text = action.help or ""
+        if (
+            not action.option_strings
+            or action.nargs == 0
+            or action.default in (None, "", [], argparse.SUPPRESS)
+            or "default" in text
+            or f"({action.default})" in text
+        ):
+            continue
+        action.help = f"{text} (default: %(default)s)" if text else "default: %(default)s"
+
+
 def build_parser() -> argparse.ArgumentParser:
     from beam_moe import __version__
 
@@ -47,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     for module in command_modules():
         importlib.import_module(module).register(subparsers)
     _add_debug(parser, False)
+    _show_defaults(parser)
     return parser
 
 
