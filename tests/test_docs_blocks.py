@@ -124,6 +124,12 @@ SUBSTITUTIONS = [
     ("README.md", "--limit 200", "--limit 2", "two documents of the task"),
     (
         "README.md",
+        "beam-moe sweep runs/beam --ppl",
+        "beam-moe sweep runs/beam --points 2 --max-tokens 1024 --calibration-tokens 512 --ppl",
+        "two points per continuous baseline on 1024 tokens",
+    ),
+    (
+        "README.md",
         'output="runs/beam",\n                           target_avg_k=2.0, max_steps=500))',
         'output="runs/beam-python",\n                           target_avg_k=2.0, max_steps=2, max_length=32, '
         "calibration_tokens=256))",
@@ -144,6 +150,12 @@ SUBSTITUTIONS = [
         "a 2-step run; runs/beam holds the CLI run of the block above",
     ),
     ("docs/evaluation.md", "--limit 100", "--limit 2", "two documents per task"),
+    (
+        "docs/evaluation.md",
+        "adapters/beta_0.2 --ppl",
+        "adapters/beta_0.2 --points 2 --max-tokens 1024 --calibration-tokens 512 --ppl",
+        "two points per continuous baseline on 1024 tokens",
+    ),
     (
         "docs/evaluation.md",
         " [--baseline top_p --param 0.6]",
