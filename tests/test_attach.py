@@ -1,4 +1,4 @@
-"""attach/detach on every supported family: the invariants of design.md."""
+"""attach/detach on every supported family: the invariants README.md states under Supported models."""
 
 import copy
 

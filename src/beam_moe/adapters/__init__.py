@@ -32,7 +32,7 @@ from beam_moe.errors import BeamError
 FAMILIES: dict[str, MoEFamily] = {
     module.FAMILY.model_type: module.FAMILY
     for module in (
-        # The families of design.md, the paper's first.
+        # The paper's models and the other common MoE families first.
         qwen3_moe,
         qwen2_moe,
         deepseek_v2,

@@ -59,6 +59,28 @@ def _add_threads(parser: argparse.ArgumentParser) -> None:
         )
 
 
+def _show_defaults(parser: argparse.ArgumentParser) -> None:
+    """End every option's help on `parser` and the commands under it with its default.
+
+    Skipped where there is none to show (flags, None, empty) or the help already states it.
+    """
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _show_defaults(sub)
+            continue
+        text = action.help or ""
+        if (
+            not action.option_strings
+            or action.nargs == 0
+            or action.default in (None, "", [], argparse.SUPPRESS)
+            or "default" in text
+            or f"({action.default})" in text
+        ):
+            continue
+        action.help = f"{text} (default: %(default)s)" if text else "default: %(default)s"
+
+
 def build_parser() -> argparse.ArgumentParser:
     from beam_moe import __version__
 
@@ -72,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
         importlib.import_module(module).register(subparsers)
     _add_debug(parser, False)
     _add_threads(parser)
+    _show_defaults(parser)
     return parser
 
 

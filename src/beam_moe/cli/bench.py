@@ -15,6 +15,8 @@ FILE_OUTPUT = {
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from beam_moe.presets import PRESETS
+
     parser = subparsers.add_parser("bench", help="speed benchmarks: one MoE layer, or generation")
     commands = parser.add_subparsers(dest="bench_command", metavar="BENCH", required=True)
 
@@ -24,7 +26,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Random bf16 weights at the preset's real sizes, random routing, masks that keep "
         "exactly round(avg_k * T) pairs. Methods are interleaved call by call; medians over rotating draws.",
     )
-    layer.add_argument("--preset", required=True, help="a layer preset (see `beam-moe flops` / design.md)")
+    layer.add_argument(
+        "--preset", required=True, help="a real model's MoE layer sizes: " + ", ".join(PRESETS)
+    )
     layer.add_argument(
         "--tokens", default="1,8,64,512", help="comma-separated token counts (default 1,8,64,512)"
     )

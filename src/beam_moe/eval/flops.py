@@ -60,7 +60,7 @@ class MoELayerShape:
 
 
 def preset_shapes(name: str) -> list[MoELayerShape]:
-    """One shape per MoE layer of a design.md preset."""
+    """One shape per MoE layer of a preset: a real model's layer sizes (`beam_moe.presets`)."""
     preset = get_preset(name)
     return [MoELayerShape.of_preset(preset)] * preset.moe_layers
 
