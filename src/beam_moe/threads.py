@@ -100,7 +100,11 @@ def threads_for(cores: int, others_busy: float) -> int:
 
 
 class ThreadGovernor:
-    """Sets torch's thread count from the free cores, now and at most every `recheck_s` seconds."""
+    """Sets torch's thread count from the free cores, now and at most every `recheck_s` seconds.
+
+    A count below all the cores, and any later change, is said on stderr, but only once a long
+    loop runs (`tick`): a command that stops at a bad argument prints its one-line error alone.
+    """
 
     def __init__(self, cores: int | None = None, recheck_s: float = RECHECK_S, verbose: bool = True) -> None:
         import torch
@@ -111,24 +115,31 @@ class ThreadGovernor:
         self.verbose = verbose
         self.load = CpuLoad()
         time.sleep(PROBE_S)
-        self._next = 0.0
         self.threads = torch.get_num_threads()
-        self.tick(announce_full=False)
+        self._pending: str | None = None
+        self._started = False
+        self._update()
+        self._started = True
 
-    def tick(self, announce_full: bool = True) -> None:
-        now = time.monotonic()
-        if now < self._next:
-            return
-        self._next = now + self.recheck_s
+    def tick(self) -> None:
+        if time.monotonic() >= self._next:
+            self._update()
+        if self._pending is not None:
+            if self.verbose:
+                print(self._pending, file=sys.stderr)
+            self._pending = None
+
+    def _update(self) -> None:
+        self._next = time.monotonic() + self.recheck_s
         others = self.load.others_busy()
         threads = self.cores if others is None else threads_for(self.cores, others)
         if threads == self.threads:
             return
         self._torch.set_num_threads(threads)
-        if self.verbose and (announce_full or threads < self.cores):
-            busy = "" if others is None else f"other processes busy on {others:.1f} of {self.cores} cores: "
-            print(f"beam-moe: {busy}{threads} torch thread(s) (--threads N fixes the count)", file=sys.stderr)
         self.threads = threads
+        if self._started or threads < self.cores:
+            busy = "" if others is None else f"other processes busy on {others:.1f} of {self.cores} cores: "
+            self._pending = f"beam-moe: {busy}{threads} torch thread(s) (--threads N fixes the count)"
 
 
 _governor: ThreadGovernor | None = None
