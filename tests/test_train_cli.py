@@ -194,3 +194,28 @@ def test_missed_target_warns_and_is_recorded(files):
     val = [r for r in records if r.get("split") == "val"]
     assert [r["step"] for r in val] == [3], "one validation record for the last step"
     assert val[0]["target_reached"] is False and val[0]["val_avg_k"] == summary["val_avg_k"]
+
+
+def test_train_quickstart_and_api_share_one_set_of_defaults():
+    """Every `beam-moe train` option that is a TrainConfig field defaults to the field's default,
+    and the quickstart's recipe takes its learning rate and controller from the same place."""
+    import argparse
+    import dataclasses
+
+    from beam_moe.cli import build_parser
+    from beam_moe.refmoe.experiment import Recipe
+    from beam_moe.train import TrainConfig
+
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    options = {a.dest: a.default for a in subparsers.choices["train"]._actions}
+    fields = {
+        f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING
+    }
+    shared = [name for name in fields if name in options and options[name] is not None]
+    assert {"lr", "controller_kp", "controller_ki", "settle", "batch_size", "max_length"} <= set(shared)
+    for name in shared:
+        assert options[name] == fields[name], name
+    recipe = Recipe()
+    for name in ("lr", "controller_kp", "controller_ki", "settle"):
+        assert getattr(recipe, name) == fields[name], name
