@@ -79,6 +79,10 @@ NOT_RUN = [
     ("docs/reference-moe.md", "bash scripts/setup.sh          # once", "setup downloads the corpus; the "
      "quickstart takes 9 minutes: tests/test_quickstart.py runs it with tiny settings"),
     ("docs/reference-moe.md", "python benchmarks/refmoe_sweep.py", "the same sweep as in README.md: hours"),
+    ("docs/serving.md", "VLLM_CPU_KVCACHE_SPACE=4 beam-moe serve", "a server that runs until stopped, and "
+     "a curl request to it: tests/test_vllm_serve.py starts `beam-moe serve` and sends curl the same request"),
+    ("docs/serving.md", "from openai import OpenAI", "needs the server above: tests/test_vllm_serve.py streams "
+     "with the openai client and checks the text against the greedy answer"),
     ("docs/reference-moe.md", "python benchmarks/refmoe_diagnosis.py", "several 7-minute training runs on "
      "the reference MoE; tests/test_quickstart.py covers the recipe"),
     ("docs/serving.md", "python -m venv .venv", "creates a new environment from PyPI (network); the "
