@@ -8,10 +8,13 @@ loads and uses the cores the others leave free (beam_moe/threads.py). This measu
   tokens/s, idle and beside the competitor, for the old behaviour (torch loaded before the command
   could set anything, 2 fixed threads) and the new defaults;
 - `quickstart`: `beam-moe quickstart` with its defaults, wall time idle and beside the competitor
-  (the goal: at most 1.5x the idle time).
+  (the goal: at most 1.5x the idle time);
+- `quickstart-beside-beam-moe`: the same beside another `beam-moe train` on the reference MoE
+  (a colleague's run on the same machine), which follows the free cores too.
 
 The competitor is one plain torch process with torch's defaults (a thread per core, default wait
-policy) multiplying matrices in a loop. Nothing else should run on the machine meanwhile.
+policy) multiplying matrices in a loop. Nothing else should run on the machine meanwhile. Kinds
+given to `--what` that the output file already holds are kept, so a kind can be added later.
 
     python benchmarks/contention.py --what steps quickstart --output benchmarks/results/contention/contention.json
 """
@@ -51,11 +54,27 @@ def clean_env() -> dict[str, str]:
 
 
 class Competitor:
-    def __init__(self, on: bool) -> None:
-        self.on, self.process = on, None
+    """Nothing, a plain torch process (`True`), or a `beam-moe train` run (`"beam-moe"`)."""
+
+    def __init__(self, kind: bool | str, scratch: Path | None = None) -> None:
+        self.kind, self.scratch, self.process = kind, scratch, None
 
     def __enter__(self) -> Competitor:
-        if self.on:
+        if self.kind == "beam-moe":
+            from beam_moe.refmoe import reference_model_path
+
+            assert self.scratch is not None
+            data = self.scratch / "competitor.jsonl"
+            training_text(data, 200 * 4 * 256)
+            args = [
+                "train", "--model", str(reference_model_path()), "--data", str(data),
+                "--output", str(self.scratch / "competitor"), "--epochs", "1000", "--batch-size", "4",
+                "--max-length", "256", "--target-avg-k", "2", "--val-fraction", "0", "--save-every", "0",
+                "--no-progress", "--no-calibrate",
+            ]  # fmt: skip
+            self.process = subprocess.Popen([*command_line(False), *args], env=clean_env())
+            time.sleep(60)  # loaded and training
+        elif self.kind:
             self.process = subprocess.Popen([sys.executable, "-c", COMPETITOR], env=clean_env())
             time.sleep(5)  # torch imported and multiplying
         return self
@@ -105,9 +124,9 @@ def run_steps(scratch: Path, old: bool, competing: bool) -> dict:
     }
 
 
-def run_quickstart(scratch: Path, competing: bool) -> dict:
-    output = scratch / f"quickstart-{int(competing)}"
-    with Competitor(competing):
+def run_quickstart(scratch: Path, competing: bool | str) -> dict:
+    output = scratch / f"quickstart-{competing}"
+    with Competitor(competing, scratch):
         started = time.perf_counter()
         done = subprocess.run(
             [*command_line(False), "quickstart", "--output", str(output), "--no-progress"],
@@ -136,14 +155,18 @@ def main(argv: list[str] | None = None) -> int:
     from beam_moe.bench.machine import describe_machine
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--what", nargs="+", choices=("steps", "quickstart"), default=["steps", "quickstart"])
+    parser.add_argument(
+        "--what",
+        nargs="+",
+        choices=("steps", "quickstart", "quickstart-beside-beam-moe"),
+        default=["steps", "quickstart", "quickstart-beside-beam-moe"],
+    )
     parser.add_argument("--output", "-o", type=Path, required=True, help="the JSON file to write")
     args = parser.parse_args(argv)
-    document: dict = {
-        "command": "python benchmarks/contention.py "
-        + shlex.join(argv if argv is not None else sys.argv[1:]),
-        "machine": describe_machine(torch.device("cpu")),
-    }
+    command = "python benchmarks/contention.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    document: dict = json.loads(args.output.read_text()) if args.output.exists() else {}
+    document.setdefault("runs", []).append({"command": command, "what": args.what})
+    document["machine"] = describe_machine(torch.device("cpu"))
     with tempfile.TemporaryDirectory() as scratch:
         if "steps" in args.what:
             rows = [
@@ -168,9 +191,19 @@ def main(argv: list[str] | None = None) -> int:
                 "ratio": round(competing["wall_s"] / idle["wall_s"], 2),
                 "goal": "at most 1.5x the idle time",
             }
+        if "quickstart-beside-beam-moe" in args.what:
+            idle = document.get("quickstart", {}).get("idle") or run_quickstart(Path(scratch), False)
+            beside = run_quickstart(Path(scratch), "beam-moe")
+            print(json.dumps(beside), flush=True)
+            document["quickstart_beside_beam_moe"] = {
+                "idle": idle,
+                "competing": beside,
+                "ratio": round(beside["wall_s"] / idle["wall_s"], 2),
+                "goal": "at most 1.5x the idle time",
+            }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(document, indent=1) + "\n")
-    print(json.dumps({k: v for k, v in document.items() if k not in ("machine", "steps")}, indent=1))
+    print(json.dumps({k: v for k, v in document.items() if k not in ("machine", "steps", "runs")}, indent=1))
     return 0
 
 
