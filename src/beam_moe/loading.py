@@ -110,17 +110,22 @@ def context_length(config: Any) -> int | None:
 
 
 def load_base_model(
-    name_or_path: str | Path, dtype: str | torch.dtype = "float32", device: str = "cpu"
+    name_or_path: str | Path,
+    dtype: str | torch.dtype = "float32",
+    device: str = "cpu",
+    config: PretrainedConfig | None = None,
 ) -> nn.Module:
     """A transformers MoE causal LM from a local folder, or a Hub id when the Hub is reachable.
 
-    The config is checked first (`load_model_config`): a missing folder or a model BEAM does not
-    support is refused before any weight is read.
+    The config is checked first (`load_model_config`, unless the caller already did and passes
+    its result): a missing folder or a model BEAM does not support is refused before any weight
+    is read.
     """
     from transformers import AutoModelForCausalLM
 
-    config = load_model_config(name_or_path)
     name, is_local = model_source(name_or_path)
+    if config is None:
+        config = load_model_config(name)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             name, config=config, dtype=parse_dtype(dtype), local_files_only=is_local or _offline()

@@ -123,7 +123,8 @@ class Trainer:
         self.config = config
         self.on_step = on_step
         self.output = check_output(config)
-        check_max_length(config.max_length, load_model_config(config.model))  # before any weight loads
+        model_config = load_model_config(config.model)  # checked before any weight loads
+        check_max_length(config.max_length, model_config)
         # Several processes on a machine without CUDA (`accelerate launch --multi_gpu` or torchrun
         # on CPUs): accelerate runs multi-CPU DDP over gloo only when asked for the CPU.
         multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
@@ -150,7 +151,9 @@ class Trainer:
             1, math.ceil(config.epochs * self.schedule.steps_per_epoch)
         )
 
-        self.model = load_base_model(config.model, "bfloat16" if config.dtype == "bf16" else "float32")
+        self.model = load_base_model(
+            config.model, "bfloat16" if config.dtype == "bf16" else "float32", config=model_config
+        )
         # --train full changes every weight: the distillation teacher is a frozen copy of the base.
         distilling = Objective(config.objective).uses_teacher
         teacher_copy = copy.deepcopy(self.model) if config.train == "full" and distilling else None
