@@ -126,7 +126,9 @@ def test_eval_of_a_base_model_is_a_base_model_report(root, capsys):
 
     # The tiny model's context is 256 tokens: longer windows are measured, with a warning.
     assert main([*argv, "--max-length", "300", "--json"]) == 0
-    assert "--max-length 300 is longer than the model's context (256 tokens" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--max-length 300 is longer than the model's context (256 tokens" in err
+    assert "beam-moe eval: warning: --max-length 300" in err
 
 
 def test_no_base_skips_the_base_pass(root, capsys):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any
 
 from beam_moe.cli._evaluation import (
@@ -132,21 +131,26 @@ def run(args: argparse.Namespace) -> int:
 
 
 def warn_long_windows(max_length: int, model_config: Any) -> None:
-    """Warn (stderr) when the windows are longer than the model's context.
+    """Warn (a BeamWarning, which the CLI prints on stderr) when the windows are longer than the
+    model's context.
 
     Evaluation warns where training refuses: a perplexity past the context is still what the
     model does there (length extrapolation is a fair question to ask), it just does not compare
     with numbers measured inside it, and a warning costs the user nothing to ignore.
     """
+    import warnings
+
+    from beam_moe.errors import BeamWarning
     from beam_moe.loading import context_length
 
     limit = context_length(model_config)
     if limit is not None and max_length > limit:
-        print(
-            f"beam-moe eval: warning: --max-length {max_length} is longer than the model's context "
+        warnings.warn(
+            f"--max-length {max_length} is longer than the model's context "
             f"({limit} tokens, max_position_embeddings): tokens past it are scored at positions the "
             f"model was not trained for; pass --max-length {limit} for a perplexity within its context",
-            file=sys.stderr,
+            BeamWarning,
+            stacklevel=2,
         )
 
 
