@@ -15,7 +15,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     defaults, recipe = QuickstartConfig(), Recipe()
     p = subparsers.add_parser(
         "quickstart",
-        help="the whole pipeline on the built-in reference MoE, offline (about 9 minutes on 2 cores)",
+        help="the whole pipeline on the built-in reference MoE, offline (9-11 minutes on 2 idle cores)",
         description="Trains BEAM mask heads on the packaged reference MoE to a target Avg-K, evaluates "
         "held-out perplexity, Avg-K and MoE-layer FLOPs of the base model, BEAM and the baselines "
         "(Top-K pruning, Top-P, threshold) at the same Avg-K, times the MoE layers, and writes "

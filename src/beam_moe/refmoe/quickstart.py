@@ -39,7 +39,7 @@ BASELINE_NAMES = ("top_k", "top_p", "threshold")
 
 @dataclass
 class QuickstartConfig:
-    """What the quickstart does; the defaults take about 9 minutes on 2 idle CPU cores."""
+    """What the quickstart does; the defaults take 9-11 minutes on 2 idle CPU cores."""
 
     output: str = "beam-quickstart"
     target_avg_k: float = 1.5
