@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from beam_moe.adapters.base import MoEFamily
 from beam_moe.config import BeamConfig
+from beam_moe.errors import BeamError
 from beam_moe.experts import ExpertWeights, get_backend
 from beam_moe.mask import MaskHead
 from beam_moe.routing import RoutingPolicy, apply_keep, apply_slot_mask, to_sentinel
@@ -49,6 +50,8 @@ class BeamMoELayer:
         self.last_soft: Tensor | None = None
         self.last_keep: Tensor | None = None
         self.policy: RoutingPolicy | None = None
+        self.threshold: float | Tensor | None = None
+        """Replaces config.threshold while set: a number, or one per batch row (float32 [B])."""
         self._hook: Any = None
 
     @property
@@ -78,7 +81,7 @@ class BeamMoELayer:
                 weights,
                 ids,
                 self.head.slot_logits(hidden, ids, weights),
-                self.config.threshold,
+                self._token_threshold(ids.shape[0]),
                 renormalize=self.config.renormalize,
             )
         else:
@@ -93,6 +96,20 @@ class BeamMoELayer:
         masked = list(output)
         masked[at_weights], masked[at_ids] = routing.weights, ids
         return tuple(masked)
+
+    def _token_threshold(self, tokens: int) -> float | Tensor:
+        """The threshold of each of the block's `tokens` rows: one number, or a batch row's own
+        (the block flattens [B, S] row-major, so token t belongs to row t // S)."""
+        threshold = self.config.threshold if self.threshold is None else self.threshold
+        if not isinstance(threshold, Tensor):
+            return threshold
+        rows = threshold.numel()
+        if tokens % rows:
+            raise BeamError(
+                f"{self.name}: {rows} per-row thresholds for {tokens} tokens; give one threshold per "
+                "sequence of the batch"
+            )
+        return threshold.reshape(-1).repeat_interleave(tokens // rows)
 
     def _run_experts(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
         backend = get_backend(self.config.backend, hidden_states.device)

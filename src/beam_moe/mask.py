@@ -123,8 +123,8 @@ class MaskHead(nn.Linear):
         return z.float()
 
 
-def straight_through_mask(soft: Tensor, threshold: float) -> tuple[Tensor, Tensor]:
-    """Hard 0/1 mask with the gradient of `soft`.
+def straight_through_mask(soft: Tensor, threshold: float | Tensor) -> tuple[Tensor, Tensor]:
+    """Hard 0/1 mask with the gradient of `soft` (`threshold` a number or a tensor that broadcasts).
 
     Returns (keep: bool, hard: float). `hard` equals keep exactly in the forward pass
     (`soft - soft.detach()` is exactly zero), and d hard / d soft = 1 in the backward pass.

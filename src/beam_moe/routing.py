@@ -37,7 +37,7 @@ def apply_mask(
     weights: Tensor,
     ids: Tensor,
     mask_logits: Tensor,
-    threshold: float,
+    threshold: float | Tensor,
     *,
     renormalize: bool = False,
 ) -> MaskedRouting:
@@ -56,13 +56,18 @@ def apply_slot_mask(
     weights: Tensor,
     ids: Tensor,
     slot_logits: Tensor,
-    threshold: float,
+    threshold: float | Tensor,
     *,
     renormalize: bool = False,
 ) -> MaskedRouting:
     """`apply_mask` with the mask logits already taken at the Top-K ids: z_k [T, K]
-    (`MaskHead.slot_logits`, which reads only the rows it needs at decode)."""
+    (`MaskHead.slot_logits`, which reads only the rows it needs at decode).
+
+    `threshold` is one number, or one per token (float32 [T]: per-request budgets).
+    """
     soft = torch.sigmoid(slot_logits.float())
+    if isinstance(threshold, Tensor):
+        threshold = threshold.to(device=soft.device, dtype=soft.dtype).reshape(-1, 1)
     keep, hard = straight_through_mask(soft, threshold)
     return MaskedRouting(weights=_gate(weights, hard, renormalize), ids=ids, keep=keep, soft=soft)
 
