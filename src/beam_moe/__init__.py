@@ -5,6 +5,8 @@ attach(model, BeamConfig())          # every MoE block gets `beam_mask`
 with beam_stats(model) as s:
     model(**batch)
 s.avg_k
+with beam_budget(model, avg_k=1.5):  # any budget the adapter's calibrated curve covers
+    model.generate(**batch)
 
 The public names load on first use, so `import beam_moe` (and the `beam-moe` command) can set up the
 process, e.g. OpenMP's wait policy, before torch is imported.
@@ -30,7 +32,8 @@ _PUBLIC = {
         "mask_regularizer",
         "set_routing_policy",
     ),
-    "checkpoint": ("load_beam", "read_adapter_config", "save_beam"),
+    "budget": ("beam_budget",),
+    "checkpoint": ("load_beam", "read_adapter_config", "read_threshold_curve", "save_beam"),
     "config": ("BeamConfig",),
     "errors": ("BeamError",),
     "loading": ("load_beam_model",),
@@ -52,6 +55,7 @@ __all__ = [
     "apply_keep",
     "apply_mask",
     "attach",
+    "beam_budget",
     "beam_stats",
     "detach",
     "from_pretrained",
@@ -63,6 +67,7 @@ __all__ = [
     "mask_parameters",
     "mask_regularizer",
     "read_adapter_config",
+    "read_threshold_curve",
     "save_beam",
     "set_routing_policy",
     "to_sentinel",
@@ -105,7 +110,8 @@ if TYPE_CHECKING:
         mask_regularizer,
         set_routing_policy,
     )
-    from beam_moe.checkpoint import load_beam, read_adapter_config, save_beam
+    from beam_moe.budget import beam_budget
+    from beam_moe.checkpoint import load_beam, read_adapter_config, read_threshold_curve, save_beam
     from beam_moe.config import BeamConfig
     from beam_moe.errors import BeamError
     from beam_moe.loading import load_beam_model

@@ -16,19 +16,25 @@ from beam_moe.layer import BeamMoELayer
 from beam_moe.mask import MaskHead, l1_regularizer
 from beam_moe.routing import RoutingPolicy
 from beam_moe.stats import BeamStats
+from beam_moe.threshold_curve import ThresholdCurve
 
 _ATTR = "_beam_attachment"
 
 
 @dataclass
 class BeamAttachment:
-    """What `attach` did to a model: enough to count, train, save and undo it."""
+    """What `attach` did to a model: enough to count, train, save and undo it.
+
+    threshold_curve: the adapter's calibrated threshold -> Avg-K curve, set by `load_beam` and
+    `from_pretrained` when the adapter has one; `beam_budget(model, avg_k=...)` reads budgets through it.
+    """
 
     config: BeamConfig
     family: MoEFamily
     layers: list[BeamMoELayer]
     sinks: list[BeamStats] = field(default_factory=list)
     base: dict[str, Any] = field(default_factory=dict)
+    threshold_curve: ThresholdCurve | None = None
 
 
 def attach(model: nn.Module, config: BeamConfig | None = None) -> nn.Module:

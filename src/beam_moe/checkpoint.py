@@ -17,11 +17,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from beam_moe.adapters import family_for
-from beam_moe.atomic import atomic_directory
+from beam_moe.atomic import atomic_directory, atomic_write_text
 from beam_moe.attach import attach, detach, get_attachment, is_attached, select_blocks
 from beam_moe.config import BeamConfig
 from beam_moe.errors import BeamError
 from beam_moe.identity import base_identity, identity_mismatch, identity_problem
+from beam_moe.threshold_curve import ThresholdCurve
 
 CONFIG_FILE = "beam_config.json"
 WEIGHTS_FILE = "beam_adapter.safetensors"
@@ -30,6 +31,8 @@ FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 """Version 2 added the router-aware head (`head`, `router_scale`, `router_offset`); a version 1
 adapter has the paper's linear head."""
+CURVE_KEY = "threshold_curve"
+"""The config's key for the threshold -> Avg-K curve (optional: older adapters have none)."""
 
 
 def _sha256(path: Path) -> str:
@@ -55,11 +58,18 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
-def save_beam(model: nn.Module, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
+def save_beam(
+    model: nn.Module,
+    path: str | Path,
+    extra: dict[str, Any] | None = None,
+    threshold_curve: ThresholdCurve | None = None,
+) -> Path:
     """Write the model's BEAM adapter into the folder `path`, atomically; returns the folder.
 
     Other files already in the folder are kept. `extra` is stored in the config under "extra"
-    (e.g. how the adapter was trained).
+    (e.g. how the adapter was trained). `threshold_curve` (measured on these heads) is stored
+    under "threshold_curve"; the curve of a loaded adapter is not carried over on its own, since
+    heads saved again may have changed since it was measured.
     """
     attachment = get_attachment(model)
     path = Path(path)
@@ -78,6 +88,8 @@ def save_beam(model: nn.Module, path: str | Path, extra: dict[str, Any] | None =
             "weights": {"file": WEIGHTS_FILE, "sha256": _sha256(staging / WEIGHTS_FILE)},
             "extra": extra or {},
         }
+        if threshold_curve is not None:
+            document[CURVE_KEY] = threshold_curve.to_dict()
         (staging / CONFIG_FILE).write_text(json.dumps(document, indent=2) + "\n")
     return path
 
@@ -127,6 +139,47 @@ def read_adapter_config(path: str | Path) -> dict[str, Any]:
     return document
 
 
+def read_threshold_curve(source: str | Path | dict[str, Any]) -> ThresholdCurve | None:
+    """The calibrated threshold -> Avg-K curve of an adapter or merged folder, or of a parsed
+    document (beam_config.json, or a merged config.json); None when it has none.
+
+    A merged folder's curve is the one in config.json's `beam_export` (the one vLLM reads). A
+    damaged curve is refused with the file in the message.
+    """
+    if isinstance(source, dict):
+        return _curve_of(source, "the document")
+    folder = Path(source)
+    try:
+        merged = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        merged = None
+    if isinstance(merged, dict) and isinstance(merged.get("beam_export"), dict):
+        return _curve_of(merged, str(folder / "config.json"))
+    return _curve_of(read_adapter_config(folder), str(folder / CONFIG_FILE))
+
+
+def _curve_of(document: dict[str, Any], where: str) -> ThresholdCurve | None:
+    if isinstance(document.get("beam_export"), dict):
+        document, where = document["beam_export"], f"{where} (beam_export)"
+    data = document.get(CURVE_KEY)
+    if data is None:
+        return None
+    return ThresholdCurve.from_dict(data, source=f"the threshold curve in {where}")
+
+
+def write_threshold_curve(path: str | Path, curve: ThresholdCurve) -> Path:
+    """Store `curve` in the adapter folder `path` (its beam_config.json, rewritten atomically).
+
+    The weights are not touched: the curve describes them, it is not part of them.
+    """
+    path = Path(path)
+    read_adapter_config(path)  # refuses a folder that is not an adapter before anything is written
+    document = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
+    document[CURVE_KEY] = curve.to_dict()
+    atomic_write_text(path / CONFIG_FILE, json.dumps(document, indent=2) + "\n")
+    return path
+
+
 def _read_weights(path: Path, document: dict[str, Any]) -> dict[str, torch.Tensor]:
     weights_path = path / WEIGHTS_FILE
     if not weights_path.is_file():
@@ -162,6 +215,7 @@ def load_beam(model: nn.Module, path: str | Path) -> nn.Module:
     path = Path(path)
     document = read_adapter_config(path)
     config: BeamConfig = document["config"]
+    curve = _curve_of(document, str(path / CONFIG_FILE))
     tensors = _read_weights(path, document)
 
     current = get_attachment(model) if is_attached(model) else None
@@ -200,6 +254,7 @@ def load_beam(model: nn.Module, path: str | Path) -> nn.Module:
     attach(model, config)
     attachment = get_attachment(model)
     attachment.base = base
+    attachment.threshold_curve = curve
     with torch.no_grad():
         for layer in attachment.layers:
             for key, param in layer.head.named_parameters():

@@ -8,6 +8,9 @@ and a `config.json` that names BEAM model classes:
     "beam": {...BeamConfig...},            # what runs; serve-time overrides replace keys here
     "beam_export": {"config": {...}, ...}  # the adapter's config as exported, and where masks sit
 
+`beam_export["threshold_curve"]` is the adapter's calibrated threshold -> Avg-K curve, when it has
+one (`beam-moe calibrate`): vLLM and `beam_budget` read per-request budgets in experts through it.
+
 The mask tensors keep their adapter names (`model.layers.{i}.mlp.beam_mask.weight`); when the base
 is sharded they are added to the safetensors index so that loaders which follow the index see them.
 """
@@ -25,11 +28,21 @@ from typing import Any
 import torch
 from torch import nn
 
-from beam_moe.atomic import atomic_directory
-from beam_moe.checkpoint import CONFIG_FILE, WEIGHTS_FILE, adapter_state_dict, load_beam, read_adapter_config
+from beam_moe.atomic import atomic_directory, atomic_write_text
+from beam_moe.checkpoint import (
+    CONFIG_FILE,
+    CURVE_KEY,
+    WEIGHTS_FILE,
+    adapter_state_dict,
+    load_beam,
+    read_adapter_config,
+    read_threshold_curve,
+    write_threshold_curve,
+)
 from beam_moe.config import BeamConfig
 from beam_moe.errors import BeamError
 from beam_moe.outputs import check_output_folder
+from beam_moe.threshold_curve import ThresholdCurve
 
 FORMAT = "beam-moe-merged"
 FORMAT_VERSION = 2
@@ -120,6 +133,7 @@ def export_merged(
     except (OSError, ValueError) as e:
         raise BeamError(f"could not load the base model from {base_folder}: {e}") from e
     load_beam(base_model, adapter)  # refuses an adapter trained for another base
+    curve = read_threshold_curve(document)
     layers = sorted({mask_layer_index(name) for name in adapter_state_dict(base_model)})
     base_config = json.loads((base_folder / "config.json").read_text())
     architectures = base_config.get("architectures") or [type(base_model).__name__]
@@ -146,8 +160,28 @@ def export_merged(
             "mask_layers": layers,
             "mask_file": WEIGHTS_FILE,
         }
+        if curve is not None:
+            config["beam_export"][CURVE_KEY] = curve.to_dict()
         (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return output
+
+
+def write_merged_threshold_curve(folder: str | Path, curve: ThresholdCurve) -> Path:
+    """Store `curve` in the merged checkpoint `folder`: config.json's beam_export (what vLLM and
+    `from_pretrained` read) and the copied beam_config.json, each file rewritten atomically.
+
+    beam_config.json is written first, so a crash between the two leaves the served config as
+    it was, never a served curve the adapter copy lacks.
+    """
+    folder = Path(folder)
+    config_path = folder / "config.json"
+    text = config_path.read_text(encoding="utf-8")
+    read_merged_config(json.loads(text), str(config_path))  # checks a copy: it fills in old defaults
+    config = json.loads(text)
+    write_threshold_curve(folder, curve)
+    config["beam_export"][CURVE_KEY] = curve.to_dict()
+    atomic_write_text(config_path, json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return folder
 
 
 def _add_masks_to_index(index_path: Path, weights_path: Path) -> None:
@@ -248,7 +282,8 @@ def from_pretrained(
     """A merged BEAM checkpoint as a transformers model with its mask heads attached.
 
     The same as loading the base and `load_beam(model, adapter)`; `beam_overrides` (threshold,
-    renormalize, backend) change how the mask is applied, as vLLM's `hf_overrides` do.
+    renormalize, backend) change how the mask is applied, as vLLM's `hf_overrides` do. The curve
+    in `beam_export` (the one vLLM reads) is the one `beam_budget(model, avg_k=...)` uses.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -267,4 +302,7 @@ def from_pretrained(
     attachment = get_attachment(model)
     for key in RUNTIME_KEYS:
         setattr(attachment.config, key, getattr(beam_config, key))
+    curve = read_threshold_curve(path)
+    if curve is not None:
+        attachment.threshold_curve = curve
     return model

@@ -93,6 +93,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="validation (else training) tokens the start and end calibrations measure (%(default)s)",
     )
     p.add_argument(
+        "--no-threshold-curve",
+        action="store_true",
+        help="skip measuring the threshold -> Avg-K curve at the end (the adapter then serves only "
+        "thresholds, not budgets in experts, until `beam-moe calibrate`)",
+    )
+    p.add_argument(
+        "--curve-tokens",
+        type=int,
+        default=_default("curve_tokens"),
+        help="validation (else training) tokens the threshold -> Avg-K curve is measured on, once per "
+        "threshold of its 33-point grid (%(default)s)",
+    )
+    p.add_argument(
         "--start-avg-k",
         type=float,
         help="where a router-aware head starts (default: the target; with --beta, every expert kept)",
@@ -194,6 +207,8 @@ def config_from_args(args: argparse.Namespace):
         settle=args.settle,
         calibrate=not args.no_calibrate,
         calibration_tokens=args.calibration_tokens,
+        threshold_curve=not args.no_threshold_curve,
+        curve_tokens=args.curve_tokens,
         start_avg_k=args.start_avg_k,
         router_term_lr_ratio=args.router_term_lr_ratio,
         objective=args.objective,
@@ -250,6 +265,9 @@ def run(args: argparse.Namespace) -> int:
             if summary.get(key) is not None:
                 value = summary[key]
                 print(f"{key:<14}  {value:.4f}" if isinstance(value, float) else f"{key:<14}  {value}")
+        if summary.get("curve_avg_k_range"):
+            low, high = summary["curve_avg_k_range"]
+            print(f"{'budgets':<14}  Avg-K {low:.3f} to {high:.3f} (threshold curve stored with the adapter)")
     return 0
 
 

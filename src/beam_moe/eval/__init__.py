@@ -12,6 +12,7 @@ flops_report(preset_shapes("qwen3-30b-a3b"), avg_k=1.23)["moe_flops_reduction"]
 from beam_moe.eval.analysis import analyze_routing
 from beam_moe.eval.baselines import BASELINES, apply_baseline, get_baseline, using_baseline
 from beam_moe.eval.calibrate import CalibrationResult, calibrate
+from beam_moe.eval.curve import measure_threshold_curve
 from beam_moe.eval.flops import (
     CONVENTION,
     MoELayerShape,
@@ -44,6 +45,7 @@ __all__ = [
     "flops_report",
     "folder_shapes",
     "get_baseline",
+    "measure_threshold_curve",
     "measured_flops",
     "model_shapes",
     "perplexity",

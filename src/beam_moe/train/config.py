@@ -26,6 +26,8 @@ RESUME_FREE = (
     "save_every",
     "keep_checkpoints",
     "eval_every",
+    "threshold_curve",
+    "curve_tokens",
 )
 
 
@@ -39,6 +41,9 @@ class TrainConfig:
     For the last `settle` fraction of the steps beta is frozen and the learning rates decay, so the
     heads settle; then, with `calibrate`, the serve-time threshold is set so that Avg-K on
     `calibration_tokens` tokens of validation text (else training text) equals the target.
+    Last, with `threshold_curve`, the adapter's threshold -> Avg-K curve is measured on
+    `curve_tokens` tokens of the same text and stored with it, so that it can serve budgets
+    other than the target (`beam_budget`, vLLM's `beam_avg_k`).
     A router-aware head (the default) starts as threshold skipping calibrated to `start_avg_k`
     (default: the target; with a fixed beta, every expert kept, the weakest slot at the boundary).
     `lr` is the mask heads' learning rate (a router-aware head's two scalars per layer train at
@@ -65,6 +70,8 @@ class TrainConfig:
     settle: float = 0.25
     calibrate: bool = True
     calibration_tokens: int = 16384
+    threshold_curve: bool = True
+    curve_tokens: int = 4096
     start_avg_k: float | None = None
     train: str = "mask"
     lora_rank: int = 16
@@ -130,6 +137,8 @@ class TrainConfig:
             raise BeamError(f"settle must be a fraction of the run in [0, 1), got {self.settle}")
         if self.calibration_tokens < 1:
             raise BeamError(f"calibration_tokens must be >= 1, got {self.calibration_tokens}")
+        if self.curve_tokens < 2:
+            raise BeamError(f"curve_tokens must be >= 2, got {self.curve_tokens}")
         if self.start_avg_k is not None and not (math.isfinite(self.start_avg_k) and self.start_avg_k > 0):
             raise BeamError(f"start_avg_k must be > 0, got {self.start_avg_k}")
         if not (

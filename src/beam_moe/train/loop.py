@@ -32,6 +32,7 @@ from beam_moe import threads
 from beam_moe.attach import attach, get_attachment, mask_regularizer
 from beam_moe.errors import BeamError, require
 from beam_moe.loading import context_length, load_base_model, load_model_config, load_tokenizer
+from beam_moe.threshold_curve import ThresholdCurve
 from beam_moe.train.budget import (
     BudgetController,
     FixedBeta,
@@ -327,9 +328,10 @@ class Trainer:
 
     # The budget at the start and at the end -----------------------------------------------------
 
-    def _calibration_batches(self) -> list[dict[str, Tensor]]:
+    def _calibration_batches(self, limit: int | None = None) -> list[dict[str, Tensor]]:
         """The text calibration measures Avg-K on: the validation blocks, else the first training
-        blocks (in the run's fixed order), up to `calibration_tokens` real tokens."""
+        blocks (in the run's fixed order), up to `limit` (default `calibration_tokens`) real tokens."""
+        limit = self.config.calibration_tokens if limit is None else limit
         blocks = self.data.val if self.data.val is not None else self.data.train
         order = list(range(len(blocks)))
         if blocks is self.data.train:
@@ -339,7 +341,7 @@ class Trainer:
         for i in dict.fromkeys(order):
             picked.append(i)
             tokens += int(blocks.attention_mask[i].sum())
-            if tokens >= self.config.calibration_tokens:
+            if tokens >= limit:
                 break
         size = self.config.batch_size
         return [self._to_device(blocks.batch(picked[i : i + size])) for i in range(0, len(picked), size)]
@@ -367,6 +369,23 @@ class Trainer:
             "calibration_avg_k": measure_avg_k(self.model, batches),
             "threshold": threshold,
         }
+
+    def _threshold_curve(self) -> ThresholdCurve | None:
+        """The finished heads' threshold -> Avg-K curve on `curve_tokens` tokens of the calibration
+        text (when `threshold_curve` is on), stored with the adapter for budgets other than the target."""
+        config = self.config
+        if not config.threshold_curve:
+            return None
+        if self.data.val is None:
+            text = "the first training blocks of the run"
+        elif config.val_data:
+            text = "the run's validation data (" + ", ".join(Path(p).name for p in config.val_data) + ")"
+        else:
+            text = f"the run's held-out share ({config.val_fraction:g}) of the training data"
+        from beam_moe.eval.curve import curve_on_batches
+
+        batches = self._calibration_batches(config.curve_tokens)
+        return curve_on_batches(self.model, batches, measured_on={"text": text})
 
     # The run -----------------------------------------------------------------------------------
 
@@ -471,13 +490,18 @@ class Trainer:
             final.update(outcome)
             if val:
                 metrics.log({"step": step, "split": "val", **val, **outcome})
-            self._write_output(final, step, tokens)
+            curve = self._threshold_curve()
+            if curve is not None:
+                final["curve_avg_k_range"] = list(curve.avg_k_range)
+            self._write_output(final, step, tokens, curve)
         finally:
             progress.close()
             metrics.close()
         return TrainResult(self.output, step, tokens, final, time.perf_counter() - started, self.is_main)
 
-    def _write_output(self, final: dict[str, Any], steps: int, tokens: int) -> None:
+    def _write_output(
+        self, final: dict[str, Any], steps: int, tokens: int, curve: ThresholdCurve | None = None
+    ) -> None:
         config = self.config
         trained = trainable_state(self.run_model)
         full_state = None
@@ -508,6 +532,7 @@ class Trainer:
                 self.tokenizer,
                 self.trainable.peft_model,
                 extra,
+                curve,
             )
         self.accelerator.wait_for_everyone()
 
