@@ -75,9 +75,9 @@ def beam_budget(
 
     `avg_k` (kept routed experts per token, read through the adapter's calibrated curve) or
     `threshold` (keep a slot when sigmoid(z) >= it): one number for the whole batch, or a
-    sequence with one value per batch row (rows must then be the batch's sequences, unpadded
-    prompts of one length or the rows of `generate`). The previous thresholds come back on exit,
-    so blocks nest. Baselines set with `set_routing_policy` ignore it: they do not read thresholds.
+    sequence with one value per batch row (every token of a row, padding included, runs at that
+    row's threshold; in `generate` too). The previous thresholds come back on exit, so blocks
+    nest. Baselines set with `set_routing_policy` ignore it: they do not read thresholds.
     """
     attachment = get_attachment(model)
     chosen = budget_thresholds(avg_k, threshold, attachment.threshold_curve)
