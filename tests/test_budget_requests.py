@@ -349,3 +349,24 @@ def _tokenizer(folders):
     from beam_moe.loading import load_tokenizer
 
     return load_tokenizer(folders / "base")
+
+
+def test_a_failed_curve_measurement_keeps_the_saved_adapter(folders, tmp_path, monkeypatch):
+    from beam_moe.errors import BeamWarning
+    from beam_moe.eval import curve
+    from beam_moe.train import TrainConfig, train
+
+    def fail(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(curve, "curve_on_batches", fail)
+    config = TrainConfig(
+        model=str(folders / "base"), data=[str(folders / "text.jsonl")], output=str(tmp_path / "run"),
+        target_avg_k=2.0, max_steps=1, batch_size=2, max_length=32, calibration_tokens=128,
+        progress=False, tensorboard=False,
+    )  # fmt: skip
+    with pytest.warns(BeamWarning, match=r"the adapter is saved.*OutOfMemoryError.*beam-moe calibrate"):
+        result = train(config)
+    assert "curve_avg_k_range" not in result.metrics
+    assert (tmp_path / "run" / "beam_config.json").is_file()
+    assert read_threshold_curve(tmp_path / "run") is None

@@ -71,7 +71,7 @@ class TrainConfig:
     calibrate: bool = True
     calibration_tokens: int = 16384
     threshold_curve: bool = True
-    curve_tokens: int = 4096
+    curve_tokens: int = 2048
     start_avg_k: float | None = None
     train: str = "mask"
     lora_rank: int = 16

@@ -20,6 +20,7 @@ import copy
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +31,8 @@ from torch import Tensor, nn
 
 from beam_moe import threads
 from beam_moe.attach import attach, get_attachment, mask_regularizer
-from beam_moe.errors import BeamError, require
+from beam_moe.checkpoint import write_threshold_curve
+from beam_moe.errors import BeamError, BeamWarning, require
 from beam_moe.loading import context_length, load_base_model, load_model_config, load_tokenizer
 from beam_moe.threshold_curve import ThresholdCurve
 from beam_moe.train.budget import (
@@ -328,9 +330,12 @@ class Trainer:
 
     # The budget at the start and at the end -----------------------------------------------------
 
-    def _calibration_batches(self, limit: int | None = None) -> list[dict[str, Tensor]]:
+    def _calibration_batches(
+        self, limit: int | None = None, size: int | None = None
+    ) -> list[dict[str, Tensor]]:
         """The text calibration measures Avg-K on: the validation blocks, else the first training
-        blocks (in the run's fixed order), up to `limit` (default `calibration_tokens`) real tokens."""
+        blocks (in the run's fixed order), up to `limit` (default `calibration_tokens`) real
+        tokens, in batches of `size` blocks (default `batch_size`)."""
         limit = self.config.calibration_tokens if limit is None else limit
         blocks = self.data.val if self.data.val is not None else self.data.train
         order = list(range(len(blocks)))
@@ -343,7 +348,7 @@ class Trainer:
             tokens += int(blocks.attention_mask[i].sum())
             if tokens >= limit:
                 break
-        size = self.config.batch_size
+        size = size or self.config.batch_size
         return [self._to_device(blocks.batch(picked[i : i + size])) for i in range(0, len(picked), size)]
 
     def _start_router_heads(self) -> dict[str, float]:
@@ -372,20 +377,38 @@ class Trainer:
 
     def _threshold_curve(self) -> ThresholdCurve | None:
         """The finished heads' threshold -> Avg-K curve on `curve_tokens` tokens of the calibration
-        text (when `threshold_curve` is on), stored with the adapter for budgets other than the target."""
+        text (when `threshold_curve` is on), for budgets other than the target.
+
+        Measured after the adapter is saved, so that a failure here (e.g. out of memory) loses
+        nothing: it warns, and `beam-moe calibrate` can measure the curve later. The forward
+        passes hold at least 2048 tokens (no gradient, so no more memory than a training step at
+        these sizes): a short `max_length` would otherwise make 33 x many tiny passes.
+        """
         config = self.config
         if not config.threshold_curve:
             return None
+        from beam_moe.eval.curve import curve_on_batches
+
         if self.data.val is None:
             text = "the first training blocks of the run"
         elif config.val_data:
             text = "the run's validation data (" + ", ".join(Path(p).name for p in config.val_data) + ")"
         else:
             text = f"the run's held-out share ({config.val_fraction:g}) of the training data"
-        from beam_moe.eval.curve import curve_on_batches
-
-        batches = self._calibration_batches(config.curve_tokens)
-        return curve_on_batches(self.model, batches, measured_on={"text": text})
+        rows = max(config.batch_size, math.ceil(2048 / config.max_length))
+        batches = self._calibration_batches(config.curve_tokens, rows)
+        try:
+            return curve_on_batches(self.model, batches, measured_on={"text": text})
+        except RuntimeError as e:
+            if self.is_main:
+                warnings.warn(
+                    f"the adapter is saved, but its threshold -> Avg-K curve could not be measured "
+                    f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); measure it with "
+                    f"`beam-moe calibrate {self.output} --data FILE` to serve budgets in experts",
+                    BeamWarning,
+                    stacklevel=2,
+                )
+            return None
 
     # The run -----------------------------------------------------------------------------------
 
@@ -490,18 +513,18 @@ class Trainer:
             final.update(outcome)
             if val:
                 metrics.log({"step": step, "split": "val", **val, **outcome})
+            self._write_output(final, step, tokens)
             curve = self._threshold_curve()
             if curve is not None:
                 final["curve_avg_k_range"] = list(curve.avg_k_range)
-            self._write_output(final, step, tokens, curve)
+                if self.is_main:
+                    write_threshold_curve(self.output, curve)
         finally:
             progress.close()
             metrics.close()
         return TrainResult(self.output, step, tokens, final, time.perf_counter() - started, self.is_main)
 
-    def _write_output(
-        self, final: dict[str, Any], steps: int, tokens: int, curve: ThresholdCurve | None = None
-    ) -> None:
+    def _write_output(self, final: dict[str, Any], steps: int, tokens: int) -> None:
         config = self.config
         trained = trainable_state(self.run_model)
         full_state = None
@@ -532,7 +555,6 @@ class Trainer:
                 self.tokenizer,
                 self.trainable.peft_model,
                 extra,
-                curve,
             )
         self.accelerator.wait_for_everyone()
 

@@ -32,7 +32,6 @@ from beam_moe.errors import BeamError, require
 from beam_moe.identity import router_fingerprint
 from beam_moe.mask import MaskHead
 from beam_moe.outputs import check_output_folder
-from beam_moe.threshold_curve import ThresholdCurve
 from beam_moe.train.checkpointing import checkpoint_dirs, run_of_checkpoint
 from beam_moe.train.config import TrainConfig
 
@@ -141,10 +140,8 @@ def write_result(
     tokenizer: Any,
     peft_model: Any,
     extra: dict[str, Any],
-    threshold_curve: ThresholdCurve | None = None,
 ) -> None:
-    """Write the trained weights the mode needs, then the BEAM adapter (last: it marks the run
-    finished) with the heads' threshold -> Avg-K curve when one was measured."""
+    """Write the trained weights the mode needs, then the BEAM adapter (last: it marks the run finished)."""
     kind = WEIGHT_KINDS.get(config.train)
     if kind is not None:
         extra = {**extra, "model_weights": {"kind": kind[0], "path": kind[1]}}
@@ -175,7 +172,7 @@ def write_result(
     attachment.base = _trained_identity(model, trained)
     try:
         with _plain_heads(model, trained):
-            save_beam(model, path, extra=extra, threshold_curve=threshold_curve)
+            save_beam(model, path, extra=extra)
     finally:
         attachment.base = base
 
