@@ -370,3 +370,17 @@ def test_a_failed_curve_measurement_keeps_the_saved_adapter(folders, tmp_path, m
     assert "curve_avg_k_range" not in result.metrics
     assert (tmp_path / "run" / "beam_config.json").is_file()
     assert read_threshold_curve(tmp_path / "run") is None
+
+
+def test_info_shows_the_budgets_a_checkpoint_serves(model, folders, tmp_path, capsys):
+    curve = ThresholdCurve(
+        [0.3, 0.5, 0.7], [3.5, 2.0, 1.0], top_k=4, measured_on={"text": "t.jsonl", "tokens": 10}
+    )
+    save_beam(model, tmp_path / "adapter", threshold_curve=curve)
+    merged = export_merged(tmp_path / "adapter", tmp_path / "merged", model=folders / "base")
+    for path in (tmp_path / "adapter", merged):
+        assert main(["info", str(path), "--json"]) == 0
+        shown = json.loads(capsys.readouterr().out)["budgets"]
+        assert shown == "Avg-K 1.000 to 3.500 (threshold curve on 10 tokens of t.jsonl)"
+    assert main(["info", str(folders / "adapter"), "--json"]) == 0
+    assert "beam-moe calibrate" in json.loads(capsys.readouterr().out)["budgets"]

@@ -41,6 +41,7 @@ def describe(path: str) -> dict:
             "num_experts": base["num_experts"],
             "top_k": base["top_k"],
             "config": document["config"].to_dict(),
+            "budgets": _budgets(document, path),
             "extra": document.get("extra", {}),
         }
     if not Path(path).exists() and (path.startswith((".", "/")) or path.count("/") != 1):
@@ -97,7 +98,23 @@ def _merged(path: Path) -> dict | None:
         "model_type": config.get("model_type"),
         "mask_layers": export["mask_layers"],
         "config": config.get("beam") or export["config"],
+        "budgets": _budgets(config, str(path)),
     }
+
+
+def _budgets(document: dict, path: str) -> str:
+    """Which budgets in experts (`beam_avg_k`) the checkpoint serves: its threshold curve's range."""
+    from beam_moe.checkpoint import read_threshold_curve
+
+    curve = read_threshold_curve(document)
+    if curve is None:
+        return f"thresholds only, no threshold curve (measure one: beam-moe calibrate {path} --data FILE)"
+    low, high = curve.avg_k_range
+    measured = curve.measured_on
+    return (
+        f"Avg-K {low:.3f} to {high:.3f} (threshold curve on {measured.get('tokens', '?')} tokens of "
+        f"{measured.get('text', 'unrecorded text')})"
+    )
 
 
 def _checkpoint(path: Path) -> dict | None:
