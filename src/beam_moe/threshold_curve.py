@@ -66,14 +66,16 @@ class ThresholdCurve:
                 f"{len(self.thresholds)} thresholds and {len(self.avg_k)} Avg-K values"
             )
         if any(not 0.0 < t < 1.0 for t in self.thresholds) or any(
-            b <= a for a, b in zip(self.thresholds, self.thresholds[1:])
+            b <= a for a, b in zip(self.thresholds[:-1], self.thresholds[1:], strict=True)
         ):
             raise BeamError("a threshold curve's thresholds must be strictly increasing and lie in (0, 1)")
         if any(not 0.0 <= k <= self.top_k + 1e-6 for k in self.avg_k):
             raise BeamError(f"a threshold curve's Avg-K values must lie in [0, Top-K = {self.top_k}]")
         for name, values in self.layers.items():
             if len(values) != len(self.thresholds):
-                raise BeamError(f"layer {name} of the threshold curve has {len(values)} values, not one per threshold")
+                raise BeamError(
+                    f"layer {name} of the threshold curve has {len(values)} values, not one per threshold"
+                )
 
     @property
     def envelope(self) -> list[float]:
