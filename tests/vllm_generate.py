@@ -60,7 +60,9 @@ def run_case(case: dict) -> dict:
         ]
         prompts = [{"prompt_token_ids": p} for p in case["prompts"]]
         if case.get("alone"):
-            outputs = [llm.generate([p], [sp], use_tqdm=False)[0] for p, sp in zip(prompts, params, strict=True)]
+            outputs = [
+                llm.generate([p], [sp], use_tqdm=False)[0] for p, sp in zip(prompts, params, strict=True)
+            ]
         else:
             outputs = llm.generate(prompts, params, use_tqdm=False)
         result = {
