@@ -89,6 +89,12 @@ NOT_RUN = [
      "environment these tests run in was built this way"),
     ("docs/serving.md", "from vllm import LLM", "starts a vLLM engine (a minute or more): "
      "tests/test_vllm_plugin.py runs engine_stats / reset_engine_stats on a real engine"),
+    ("docs/serving.md", "# per-request budgets, offline", "starts a vLLM engine: "
+     "tests/test_vllm_budgets.py serves mixed per-request budgets on a real engine"),
+    ("docs/serving.md", "# per-request budgets over HTTP", "needs a running server: "
+     "tests/test_vllm_serve.py sends per-request thresholds over HTTP"),
+    ("docs/serving.md", "# per-request budgets with the openai client", "needs a running server: "
+     "tests/test_vllm_serve.py sends per-request thresholds over HTTP"),
     ("docs/serving.md", ".venv/bin/python benchmarks/serving_vllm.py", "a benchmark at real layer sizes "
      "(minutes); tests/test_vllm_plugin.py covers the plugin it times"),
     ("docs/speed.md", "beam-moe bench layer", "one layer at Qwen3-30B-A3B's real sizes: minutes even with "

@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -168,6 +169,62 @@ def test_concurrent_answers_equal_answers_alone(server):
         assert (stats["tokens"], stats["kept_pairs"]) == (expected.tokens, expected.kept_pairs)
         assert stats["computed_rows"] == stats["kept_pairs"] < stats["routed_pairs"]
     assert "BEAM: Avg-K" in log.read_text(), "the periodic Avg-K log line"
+
+
+def greedy_at(merged: Path, threshold: float, prompt: list[int]) -> tuple[list[int], list[float]]:
+    """transformers' greedy answer at `threshold` and the log-probability of each chosen token."""
+    model = from_pretrained(merged, threshold=threshold)
+    ids, chosen = torch.tensor([prompt]), []
+    with torch.no_grad():
+        for _ in range(MAX_TOKENS):
+            logp = model(ids).logits[0, -1].log_softmax(-1)
+            chosen.append(float(logp.max()))
+            ids = torch.cat([ids, logp.argmax().view(1, 1)], dim=1)
+    return ids[0, len(prompt) :].tolist(), chosen
+
+
+def complete_raw(port: int, body: dict) -> tuple[int, dict]:
+    """POST /v1/completions; (HTTP status, JSON body) for errors too."""
+    try:
+        return 200, post(port, "/v1/completions", body)
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"null")
+
+
+def test_per_request_thresholds_over_http(server):
+    """Requests at three thresholds (vllm_xargs) and bad ones, concurrently: each good request gets
+    transformers' greedy answer at its own threshold, each bad one a 400 naming the field."""
+    port, merged, _, _ = server
+    requests = prompts()[:9]
+    thresholds = [0.3, None, 0.7] * 3
+    bad = [{"beam_threshold": 1.5}, {"beam_threshold": "high"}, {"beam_avg_k": 1.0}]
+
+    def body(prompt, xargs):
+        extra = {"vllm_xargs": xargs} if xargs else {}
+        return {
+            "model": str(merged), "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0,
+            "ignore_eos": True, "return_token_ids": True, "logprobs": 1, **extra,
+        }  # fmt: skip
+
+    bodies = [
+        body(p, {"beam_threshold": t} if t else None) for p, t in zip(requests, thresholds, strict=True)
+    ]
+    bodies += [body(requests[0], xargs) for xargs in bad]
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        answers = list(pool.map(lambda b: complete_raw(port, b), bodies))
+    for (status, answer), prompt, threshold in zip(answers, requests, thresholds, strict=False):
+        assert status == 200, answer
+        tokens, logprobs = greedy_at(merged, 0.5 if threshold is None else threshold, prompt)
+        choice = answer["choices"][0]
+        assert choice["token_ids"] == tokens
+        assert choice["logprobs"]["token_logprobs"] == pytest.approx(logprobs, abs=1e-3)
+    low, high = greedy_at(merged, 0.3, requests[0])[1], greedy_at(merged, 0.7, requests[0])[1]
+    assert low != pytest.approx(high, abs=1e-2), "the thresholds change the answer, so the check can fail"
+    for (status, answer), xargs in zip(answers[len(requests) :], bad, strict=True):
+        field = next(iter(xargs))
+        assert status == 400, answer
+        assert field in answer["error"]["message"], answer
+    assert "calibrated" in answers[-1][1]["error"]["message"], "a budget in experts needs a curve"
 
 
 def test_curl_completion(server):

@@ -11,7 +11,6 @@ batch row), so both refuse the same values with the same messages.
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -67,7 +66,7 @@ class ThresholdCurve:
                 f"{len(self.thresholds)} thresholds and {len(self.avg_k)} Avg-K values"
             )
         if any(not 0.0 < t < 1.0 for t in self.thresholds) or any(
-            b <= a for a, b in itertools.pairwise(self.thresholds)
+            b <= a for a, b in zip(self.thresholds[:-1], self.thresholds[1:], strict=True)
         ):
             raise BeamError("a threshold curve's thresholds must be strictly increasing and lie in (0, 1)")
         if any(not 0.0 <= k <= self.top_k + 1e-6 for k in self.avg_k):

@@ -37,6 +37,9 @@ def register() -> None:
     for architecture, target in ARCHITECTURES.items():
         if architecture not in supported:
             registry.register_model(architecture, target)
+    from beam_moe.serving.vllm.budgets import register_budgets
+
+    register_budgets(list(ARCHITECTURES))
 
 
 def engine_stats(llm: Any) -> dict[str, Any]:

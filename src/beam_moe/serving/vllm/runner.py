@@ -36,6 +36,7 @@ from beam_moe.experts import ExpertsOutput, ExpertWeights, available_backends, g
 from beam_moe.mask import MaskHead
 from beam_moe.merged import effective_beam_config, read_merged_config
 from beam_moe.routing import MaskedRouting, apply_slot_mask, to_sentinel
+from beam_moe.serving.vllm.budgets import BUDGET_PROCESSOR, REQUEST_BUDGETS
 from beam_moe.serving.vllm.stats import SERVING_STATS
 
 logger = init_logger(__name__)
@@ -134,17 +135,19 @@ class BeamMoERunner(MoERunner):
             topk_indices_dtype=self._quant_method.topk_indices_dtype,
             input_ids=input_ids,
         )
+        per_token = REQUEST_BUDGETS.token_thresholds(ids.shape[0], ids.device)
         routing = apply_slot_mask(
             weights,
             ids,
             # kernels may pad H
             self.beam_mask.slot_logits(hidden_states[..., : self.beam_mask.in_features], ids, weights),
-            self.beam_config.threshold,
+            self.beam_config.threshold if per_token is None else per_token,
             renormalize=self.beam_config.renormalize,
         )
         fused, rows, backend = self.beam_executor(self, hidden_states, routing)
         if _is_real_step():
-            SERVING_STATS.add(self.beam_index, routing, rows, backend)
+            labels = REQUEST_BUDGETS.token_labels(ids.shape[0], ids.device)
+            SERVING_STATS.add(self.beam_index, routing, rows, backend, labels)
         if shared_experts_overlapping:
             self._shared_experts.wait()
             shared = self._shared_experts.output
@@ -212,10 +215,11 @@ def install_beam(model: nn.Module, vllm_config: VllmConfig) -> dict[int, BeamMoE
             module.routed_experts.quant_method.__class__ = _CheckpointLayoutMoEMethod
         runners[int(match.group(1))] = module
     logger.info(
-        "BEAM: mask heads on %d MoE layers, threshold %s, experts run by %s",
+        "BEAM: mask heads on %d MoE layers, threshold %s, experts run by %s; per-request budgets %s",
         len(runners),
         config.threshold,
         executor.name,
+        "on" if BUDGET_PROCESSOR in (vllm_config.model_config.logits_processors or []) else "off",
     )
     return runners
 

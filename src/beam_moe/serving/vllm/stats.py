@@ -19,6 +19,7 @@ import threading
 import time
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from beam_moe.routing import MaskedRouting
@@ -26,6 +27,8 @@ from beam_moe.stats import BeamStats
 
 LOG_INTERVAL_ENV = "BEAM_MOE_LOG_INTERVAL"
 WORKER_EXTENSION = "beam_moe.serving.vllm.stats.BeamWorkerExtension"
+DEFAULT_LABEL = "default"
+"""The budget label of requests that ask for none (the checkpoint's threshold)."""
 _logger = logging.getLogger("vllm.beam_moe")
 
 
@@ -59,25 +62,53 @@ class ServingStats:
 
     def _reset(self) -> None:
         self.stats = BeamStats(self.layer_names, self.top_k)
+        self.budgets: dict[str, list[float]] = {}  # label -> [token-layers, kept pairs]
         self._tokens_at_last_log = self._kept_at_last_log = 0
 
     def reset(self) -> None:
         with self._lock:
             self._reset()
 
-    def add(self, layer: int, routing: MaskedRouting, rows: Tensor | int, backend: str) -> None:
-        """Count one real forward pass of a BEAM layer: its routing, the rows its experts computed
-        and the backend that computed them."""
+    def add(
+        self,
+        layer: int,
+        routing: MaskedRouting,
+        rows: Tensor | int,
+        backend: str,
+        labels: tuple[Tensor, list[str]] | None = None,
+    ) -> None:
+        """Count one real forward pass of a BEAM layer: its routing, the rows its experts computed,
+        the backend that computed them, and (`labels`: each token's budget) the pairs kept per budget."""
         with self._lock:
             self.stats._add_routing(layer, routing.keep, routing.ids, routing.soft, routing.weights)
             self.stats._add_rows(layer, rows, backend)
+            self._add_budgets(routing.keep, labels)
         if layer == len(self.layer_names) - 1:
             self._maybe_log()
+
+    def _add_budgets(self, keep: Tensor, labels: tuple[Tensor, list[str]] | None) -> None:
+        """Kept pairs and token-layers per budget label ('default': the checkpoint's threshold)."""
+        if labels is None:
+            names, tokens, kept = [DEFAULT_LABEL], [keep.shape[0]], [int(keep.sum())]
+        else:
+            ids, names = labels
+            tokens = torch.bincount(ids, minlength=len(names)).tolist()
+            kept = torch.bincount(ids, weights=keep.sum(dim=-1).double(), minlength=len(names)).tolist()
+        for name, n, k in zip(names, tokens, kept, strict=True):
+            if n:
+                counts = self.budgets.setdefault(name, [0, 0.0])
+                counts[0] += n
+                counts[1] += k
 
     def summary(self) -> dict[str, Any]:
         with self._lock:
             summary = self.stats.to_dict()
+            budgets = {
+                name: {"avg_k": k / n, "tokens": n // max(len(self.layer_names), 1)}
+                for name, (n, k) in self.budgets.items()
+            }
         summary["layers"] = len(self.layer_names)
+        summary["budgets"] = budgets
         return summary
 
     def _maybe_log(self) -> None:
@@ -105,6 +136,14 @@ class ServingStats:
             summary["computed_rows"],
             summary["routed_pairs"],
         )
+        if set(summary["budgets"]) - {DEFAULT_LABEL}:
+            _logger.info(
+                "BEAM: Avg-K per requested budget since start: %s",
+                ", ".join(
+                    f"{name} -> {b['avg_k']:.3f} ({b['tokens']} tokens)"
+                    for name, b in summary["budgets"].items()
+                ),
+            )
 
 
 SERVING_STATS = ServingStats()

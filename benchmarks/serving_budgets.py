@@ -1,0 +1,182 @@
+"""One vLLM engine serving mixed per-request budgets: Avg-K reached vs asked, and speed vs one budget.
+
+The checkpoint is the one `serving_vllm.py` builds (Qwen3-30B-A3B layer sizes, random weights,
+`--layers` decoder layers, mask heads calibrated to `--avg-k` at the default threshold). Its
+threshold -> Avg-K curve is measured here with transformers on random prompts like the served ones
+(the calibration text) and stored in the checkpoint, as `beam-moe calibrate` does. One engine
+then serves, with `--batch` concurrent requests of `--input-len` in / `--output-len` out:
+
+- `uniform-<a>`: every request asks `beam_avg_k = a`, for each budget of `--budgets`;
+- `mixed`: the requests alternate between the budgets (half each with two budgets).
+
+For each run: output tokens per second, the decode step (TPOT of the batch: (time for
+output-len tokens - time for 1 token) / (output-len - 1)), and the Avg-K each budget reached
+(the plugin's per-budget counters). Runs are interleaved `--repeats` times; medians. Run it alone:
+
+    .venv/bin/python benchmarks/serving_budgets.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import serving_vllm  # noqa: E402  (sets vLLM's environment before torch/vLLM load)
+import torch
+
+ROOT = Path(__file__).resolve().parent
+
+
+def measure_curve(merged: Path, prompts: list[list[int]]) -> dict:
+    """The threshold -> Avg-K curve of `merged` on `prompts`, stored in its config.json; returns it."""
+    from beam_moe import beam_stats, from_pretrained, get_attachment
+    from beam_moe.threshold_curve import DEFAULT_LOGITS, ThresholdCurve
+
+    model = from_pretrained(merged, dtype="bfloat16")
+    layers = get_attachment(model).layers
+    thresholds = [1.0 / (1.0 + math.exp(-x)) for x in DEFAULT_LOGITS]
+    avg_k, per_layer = [], {layer.name: [] for layer in layers}
+    tokens = torch.tensor(prompts)
+    for threshold in thresholds:
+        for layer in layers:
+            layer.threshold = threshold
+        with torch.no_grad(), beam_stats(model) as stats:
+            model(tokens)
+        avg_k.append(stats.avg_k)
+        for name, value in stats.per_layer.items():
+            per_layer[name].append(value)
+    curve = ThresholdCurve(
+        thresholds,
+        avg_k,
+        top_k=layers[0].top_k,
+        layers=per_layer,
+        measured_on={"text": f"{len(prompts)} random byte prompts", "tokens": tokens.numel()},
+    )
+    config_path = merged / "config.json"
+    config = json.loads(config_path.read_text())
+    config["beam_export"]["threshold_curve"] = curve.to_dict()
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    del model
+    gc.collect()
+    return curve.to_dict()
+
+
+def serve(merged: Path, args: argparse.Namespace, budgets: list[float]) -> dict:
+    from vllm import LLM, SamplingParams
+
+    from beam_moe.serving.vllm import WORKER_EXTENSION, engine_stats, reset_engine_stats
+
+    llm = LLM(
+        model=str(merged),
+        dtype="bfloat16",
+        max_model_len=256,
+        max_num_seqs=args.batch,
+        enforce_eager=True,
+        enable_prefix_caching=False,
+        distributed_executor_backend="uni",
+        worker_extension_cls=WORKER_EXTENSION,
+        seed=0,
+    )
+    generator = torch.Generator().manual_seed(4321)
+
+    def run(asked: list[float], max_tokens: int) -> float:
+        prompts = [
+            {"prompt_token_ids": torch.randint(5, 261, (args.input_len,), generator=generator).tolist()}
+            for _ in asked
+        ]
+        params = [
+            SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True, extra_args={"beam_avg_k": a})
+            for a in asked
+        ]
+        begin = time.perf_counter()
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+        elapsed = time.perf_counter() - begin
+        assert all(len(o.outputs[0].token_ids) == max_tokens for o in outputs)
+        return elapsed
+
+    layouts = {f"uniform-{a:g}": [a] * args.batch for a in budgets}
+    layouts["mixed"] = [budgets[i % len(budgets)] for i in range(args.batch)]
+    times: dict[str, dict[str, list[float]]] = {name: {"first": [], "whole": []} for name in layouts}
+    reached: dict[str, dict] = {}
+    try:
+        run(layouts["mixed"], args.output_len)  # warm-up
+        for _ in range(args.repeats):
+            for name, asked in layouts.items():
+                reset_engine_stats(llm)
+                times[name]["whole"].append(run(asked, args.output_len))
+                reached.setdefault(name, engine_stats(llm)["budgets"])
+                times[name]["first"].append(run(asked, 1))
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+    results = {}
+    for name, asked in layouts.items():
+        whole, first = statistics.median(times[name]["whole"]), statistics.median(times[name]["first"])
+        results[name] = {
+            "asked": sorted(set(asked)),
+            "throughput_tok_s": len(asked) * args.output_len / whole,
+            "decode_step_ms": 1e3 * (whole - first) / (args.output_len - 1),
+            "prefill_s": first,
+            "avg_k_reached": {label: value["avg_k"] for label, value in reached[name].items()},
+            "whole_s": times[name]["whole"],
+            "first_s": times[name]["first"],
+        }
+        print(json.dumps({k: v for k, v in results[name].items() if not k.endswith("_s")}), flush=True)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=2, help="decoder layers (each 1.2 GB of bf16 experts)")
+    parser.add_argument("--avg-k", type=float, default=2.0, help="the checkpoint's Avg-K at its own threshold")
+    parser.add_argument("--budgets", default="1.5,4", help="beam_avg_k values asked, comma-separated")
+    parser.add_argument("--input-len", type=int, default=128)
+    parser.add_argument("--output-len", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/beam-moe-bench-serving"))
+    parser.add_argument("--output", type=Path, default=ROOT / "results" / "serving_budgets.json")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    budgets = [float(x) for x in args.budgets.split(",")]
+    _, merged = serving_vllm.build_checkpoints(args.work, args.layers, args.avg_k, args.seed)
+    generator = torch.Generator().manual_seed(99)
+    calibration = torch.randint(5, 261, (4, args.input_len + args.output_len), generator=generator).tolist()
+    curve = measure_curve(merged, calibration)
+    results = serve(merged, args, budgets)
+    uniform = [results[f"uniform-{a:g}"] for a in budgets]
+    mixed = results["mixed"]
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    document = {
+        "benchmark": "vLLM, one engine serving mixed per-request budgets (benchmarks/serving_budgets.py)",
+        "command": " ".join(
+            [".venv/bin/python benchmarks/serving_budgets.py", *serving_vllm.cli_options(args)]
+        ),
+        "commit": commit,
+        "machine": serving_vllm.machine(),
+        "model": {"preset": serving_vllm.PRESET, "layers": args.layers, "dtype": "bfloat16"},
+        "settings": {k: v for k, v in vars(args).items() if k not in ("work", "output")},
+        "threshold_curve_range": [min(curve["avg_k"]), max(curve["avg_k"])],
+        "summary": {
+            "avg_k_asked_vs_reached_mixed": mixed["avg_k_reached"],
+            "mixed_throughput_over_mean_uniform": mixed["throughput_tok_s"]
+            / statistics.mean(u["throughput_tok_s"] for u in uniform),
+            "mixed_decode_step_over_mean_uniform": mixed["decode_step_ms"]
+            / statistics.mean(u["decode_step_ms"] for u in uniform),
+        },
+        "results": results,
+    }
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(document, indent=2) + "\n")
+    print(json.dumps(document["summary"], indent=2))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

