@@ -11,7 +11,8 @@ then serves, with `--batch` concurrent requests of `--input-len` in / `--output-
 
 For each run: output tokens per second, the decode step (TPOT of the batch: (time for
 output-len tokens - time for 1 token) / (output-len - 1)), and the Avg-K each budget reached
-(the plugin's per-budget counters). Runs are interleaved `--repeats` times; medians. Run it alone:
+(the plugin's per-budget counters, summed over the repeats). Runs are interleaved `--repeats`
+times; times are medians. Run it alone:
 
     .venv/bin/python benchmarks/serving_budgets.py
 """
@@ -28,28 +29,35 @@ import sys
 import time
 from pathlib import Path
 
-import serving_vllm  # noqa: E402  (sets vLLM's environment before torch/vLLM load)
+import serving_vllm  # first: it sets vLLM's environment before torch and vLLM load
 import torch
 
 ROOT = Path(__file__).resolve().parent
 
 
-def measure_curve(merged: Path, prompts: list[list[int]]) -> dict:
-    """The threshold -> Avg-K curve of `merged` on `prompts`, stored in its config.json; returns it."""
+def measure_curve(merged: Path, prompts: list[list[int]], logit_range: float) -> dict:
+    """The threshold -> Avg-K curve of `merged` on `prompts`, stored in its config.json; returns it.
+
+    The grid is beam-moe's (logit(threshold) in steps of 0.5) cut to |logit| <= `logit_range`:
+    each point costs full forward passes at real layer sizes, and this checkpoint keeps all 8
+    experts below logit -4 and none above 4.
+    """
     from beam_moe import beam_stats, from_pretrained, get_attachment
     from beam_moe.threshold_curve import DEFAULT_LOGITS, ThresholdCurve
 
     model = from_pretrained(merged, dtype="bfloat16")
     layers = get_attachment(model).layers
-    thresholds = [1.0 / (1.0 + math.exp(-x)) for x in DEFAULT_LOGITS]
+    thresholds = [1.0 / (1.0 + math.exp(-x)) for x in DEFAULT_LOGITS if abs(x) <= logit_range]
     avg_k, per_layer = [], {layer.name: [] for layer in layers}
     tokens = torch.tensor(prompts)
     for threshold in thresholds:
         for layer in layers:
             layer.threshold = threshold
         with torch.no_grad(), beam_stats(model) as stats:
-            model(tokens)
+            for batch in tokens.split(8):
+                model(batch)
         avg_k.append(stats.avg_k)
+        print(f"threshold {threshold:.4f}: Avg-K {stats.avg_k:.3f}", flush=True)
         for name, value in stats.per_layer.items():
             per_layer[name].append(value)
     curve = ThresholdCurve(
@@ -92,7 +100,9 @@ def serve(merged: Path, args: argparse.Namespace, budgets: list[float]) -> dict:
             for _ in asked
         ]
         params = [
-            SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True, extra_args={"beam_avg_k": a})
+            SamplingParams(
+                max_tokens=max_tokens, temperature=0, ignore_eos=True, extra_args={"beam_avg_k": a}
+            )
             for a in asked
         ]
         begin = time.perf_counter()
@@ -104,17 +114,24 @@ def serve(merged: Path, args: argparse.Namespace, budgets: list[float]) -> dict:
     layouts = {f"uniform-{a:g}": [a] * args.batch for a in budgets}
     layouts["mixed"] = [budgets[i % len(budgets)] for i in range(args.batch)]
     times: dict[str, dict[str, list[float]]] = {name: {"first": [], "whole": []} for name in layouts}
-    reached: dict[str, dict] = {}
+    counted: dict[str, dict[str, list[float]]] = {name: {} for name in layouts}  # label -> [tokens, kept]
     try:
         run(layouts["mixed"], args.output_len)  # warm-up
         for _ in range(args.repeats):
             for name, asked in layouts.items():
                 reset_engine_stats(llm)
                 times[name]["whole"].append(run(asked, args.output_len))
-                reached.setdefault(name, engine_stats(llm)["budgets"])
+                for label, budget in engine_stats(llm)["budgets"].items():
+                    total = counted[name].setdefault(label, [0, 0.0])
+                    total[0] += budget["tokens"]
+                    total[1] += budget["tokens"] * budget["avg_k"]
                 times[name]["first"].append(run(asked, 1))
     finally:
         llm.llm_engine.engine_core.shutdown()
+    reached = {
+        name: {label: {"avg_k": kept / tokens, "tokens": tokens} for label, (tokens, kept) in labels.items()}
+        for name, labels in counted.items()
+    }
     results = {}
     for name, asked in layouts.items():
         whole, first = statistics.median(times[name]["whole"]), statistics.median(times[name]["first"])
@@ -124,22 +141,45 @@ def serve(merged: Path, args: argparse.Namespace, budgets: list[float]) -> dict:
             "decode_step_ms": 1e3 * (whole - first) / (args.output_len - 1),
             "prefill_s": first,
             "avg_k_reached": {label: value["avg_k"] for label, value in reached[name].items()},
+            "tokens_counted": {label: value["tokens"] for label, value in reached[name].items()},
             "whole_s": times[name]["whole"],
             "first_s": times[name]["first"],
         }
-        print(json.dumps({k: v for k, v in results[name].items() if not k.endswith("_s")}), flush=True)
+        print(
+            json.dumps({k: v for k, v in results[name].items() if k not in ("whole_s", "first_s")}),
+            flush=True,
+        )
     return results
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--layers", type=int, default=2, help="decoder layers (each 1.2 GB of bf16 experts)")
-    parser.add_argument("--avg-k", type=float, default=2.0, help="the checkpoint's Avg-K at its own threshold")
+    parser.add_argument(
+        "--avg-k", type=float, default=2.0, help="the checkpoint's Avg-K at its own threshold"
+    )
     parser.add_argument("--budgets", default="1.5,4", help="beam_avg_k values asked, comma-separated")
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=32)
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--calibration-sequences",
+        type=int,
+        default=16,
+        help="random sequences (input-len + output-len tokens) the curve is measured on; Avg-K varies "
+        "from one random sequence to another, so a few are not enough",
+    )
+    parser.add_argument(
+        "--curve-logit-range", type=float, default=4.0, help="the curve's grid: |logit(threshold)| <= this"
+    )
+    parser.add_argument(
+        "--keep-curve",
+        action="store_true",
+        help="reuse the curve an earlier run stored in the checkpoint (measuring it takes ~15 minutes)",
+    )
     parser.add_argument("--work", type=Path, default=Path("/tmp/beam-moe-bench-serving"))
     parser.add_argument("--output", type=Path, default=ROOT / "results" / "serving_budgets.json")
     parser.add_argument("--seed", type=int, default=0)
@@ -148,12 +188,20 @@ def main() -> None:
     budgets = [float(x) for x in args.budgets.split(",")]
     _, merged = serving_vllm.build_checkpoints(args.work, args.layers, args.avg_k, args.seed)
     generator = torch.Generator().manual_seed(99)
-    calibration = torch.randint(5, 261, (4, args.input_len + args.output_len), generator=generator).tolist()
-    curve = measure_curve(merged, calibration)
+    length = args.input_len + args.output_len
+    calibration = torch.randint(5, 261, (args.calibration_sequences, length), generator=generator).tolist()
+    stored = json.loads((merged / "config.json").read_text())["beam_export"].get("threshold_curve")
+    if args.keep_curve and stored is not None:
+        curve = stored
+        print("the checkpoint's threshold curve is kept (--keep-curve)", flush=True)
+    else:
+        curve = measure_curve(merged, calibration, args.curve_logit_range)
     results = serve(merged, args, budgets)
     uniform = [results[f"uniform-{a:g}"] for a in budgets]
     mixed = results["mixed"]
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    commit = subprocess.run(
+        ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT
+    ).stdout.strip()
     document = {
         "benchmark": "vLLM, one engine serving mixed per-request budgets (benchmarks/serving_budgets.py)",
         "command": " ".join(
@@ -163,9 +211,10 @@ def main() -> None:
         "machine": serving_vllm.machine(),
         "model": {"preset": serving_vllm.PRESET, "layers": args.layers, "dtype": "bfloat16"},
         "settings": {k: v for k, v in vars(args).items() if k not in ("work", "output")},
-        "threshold_curve_range": [min(curve["avg_k"]), max(curve["avg_k"])],
+        "threshold_curve": curve,
         "summary": {
-            "avg_k_asked_vs_reached_mixed": mixed["avg_k_reached"],
+            "avg_k_reached_mixed": mixed["avg_k_reached"],
+            "avg_k_reached_uniform": {k: v for u in uniform for k, v in u["avg_k_reached"].items()},
             "mixed_throughput_over_mean_uniform": mixed["throughput_tok_s"]
             / statistics.mean(u["throughput_tok_s"] for u in uniform),
             "mixed_decode_step_over_mean_uniform": mixed["decode_step_ms"]

@@ -80,7 +80,7 @@ def build_checkpoints(work: Path, layers: int, avg_k: float, seed: int) -> tuple
         del model
         gc.collect()
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16).eval()
-    attach(model, BeamConfig(bias=True))
+    attach(model, BeamConfig(bias=True, head="linear"))  # a bias per layer sets the budget
     generator = torch.Generator().manual_seed(seed + 1)
     layers_ = get_attachment(model).layers
     with torch.no_grad():

@@ -87,6 +87,12 @@ def results(checkpoint, budgets_asked, tmp_path_factory):
             "mixed",
             extra_args=[{"beam_threshold": LOW}, None, {"beam_threshold": HIGH}, {"beam_threshold": LOW}],
         ),
+        case(
+            "mixed-chunked",
+            extra_args=[{"beam_threshold": LOW}, None, {"beam_threshold": HIGH}, {"beam_threshold": LOW}],
+            # two requests at a time (the others join as they finish) and prompts split over steps
+            engine={"max_num_seqs": 2, "max_num_batched_tokens": 8, "enable_chunked_prefill": True},
+        ),
         case("alone-low", alone=True, hf_overrides={"beam": {"threshold": LOW}}),
         case("alone-high", alone=True, hf_overrides={"beam": {"threshold": HIGH}}),
         case("alone-default", alone=True),
@@ -133,6 +139,19 @@ def test_mixed_thresholds_give_each_request_its_alone_output(results, what):
         assert all(low[i] != pytest.approx(high[i], abs=1e-3) for i in (0, 2, 3)), "the thresholds matter"
 
 
+@pytest.mark.parametrize("what", ["tokens", "logprobs"])
+def test_continuous_batching_and_chunked_prefill_keep_each_request_its_threshold(results, what):
+    """Requests join and leave the running batch (vLLM moves them between slots) and prompts are
+    prefilled in chunks beside other requests' decode tokens: still each request's alone output."""
+    chunked, mixed = outcome(results, "mixed-chunked")[what], outcome(results, "mixed")[what]
+    if what == "tokens":
+        assert chunked == mixed
+    else:
+        assert [x for row in chunked for x in row] == pytest.approx(
+            [x for row in mixed for x in row], abs=1e-4
+        )
+
+
 def test_request_without_budget_matches_transformers(checkpoint, results):
     merged, _ = checkpoint
     assert outcome(results, "mixed")["tokens"][1] == greedy(merged, PROMPT_LIST[1])
@@ -176,3 +195,32 @@ def test_budget_in_experts_reaches_its_avg_k(results, budgets_asked):
 def test_bad_budget_is_refused_naming_the_field(results, name, field, words):
     error = results[name].get("error", "")
     assert "VLLMValidationError" in error and field in error and words in error, error[-2000:]
+
+
+def test_vllm_loads_the_processors_by_the_names_the_plugin_gives():
+    """The names the config hook adds are what vLLM's V1 and V2 loaders accept (a V1-only class
+    handed to the V2 loader would stop every engine from starting)."""
+    from vllm.v1.sample.logits_processor import _load_logitsprocs_by_fqcns
+    from vllm.v1.worker.gpu.sample.logits_processor.loader import _load_v2_logitsprocs_by_fqcns
+
+    from beam_moe.serving.vllm.budgets import (
+        BUDGET_PROCESSOR,
+        V2_REFUSAL,
+        BeamBudgets,
+        BeamBudgetsRefusedOnV2,
+    )
+
+    assert _load_logitsprocs_by_fqcns([BUDGET_PROCESSOR]) == [BeamBudgets]
+    assert _load_v2_logitsprocs_by_fqcns([V2_REFUSAL]) == [BeamBudgetsRefusedOnV2]
+
+
+def test_v2_model_runner_refuses_budgets_and_says_how_to_get_them():
+    from vllm import SamplingParams
+    from vllm.exceptions import VLLMValidationError
+
+    from beam_moe.serving.vllm.budgets import BeamBudgetsRefusedOnV2
+
+    BeamBudgetsRefusedOnV2.validate_params(SamplingParams(extra_args={"other": 1}))
+    with pytest.raises(VLLMValidationError, match="VLLM_USE_V2_MODEL_RUNNER=0") as caught:
+        BeamBudgetsRefusedOnV2.validate_params(SamplingParams(extra_args={"beam_avg_k": 2.0}))
+    assert caught.value.parameter == "beam_avg_k"
