@@ -14,6 +14,10 @@ weights, not by rounding (a random LM head gives next-token margins of 1e-4).
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -80,3 +84,25 @@ def save_merged(base: Path, out: Path, trained: bool, config: BeamConfig | None 
     adapter = out.with_name(out.name + "-adapter")
     save_beam(model, adapter)
     return export_merged(adapter, out)
+
+
+def run_engines(cases: list[dict], root: Path) -> dict:
+    """Run `cases` (see tests/vllm_generate.py) in real vLLM engines, one after another in one
+    subprocess (vLLM imported once); returns each case's result or its error."""
+    (root / "spec.json").write_text(json.dumps({"cases": cases}))
+    script = Path(__file__).with_name("vllm_generate.py")
+    result = subprocess.run(
+        [sys.executable, str(script), str(root / "spec.json"), str(root / "out.json")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "BEAM_MOE_LOG_INTERVAL": "0"},
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-5000:]
+    return json.loads((root / "out.json").read_text())
+
+
+def outcome(results: dict, name: str) -> dict:
+    """One case's result, failing with the engine's traceback when it raised."""
+    assert "error" not in results[name], results[name].get("error")
+    return results[name]

@@ -7,9 +7,6 @@ threshold is t; a budget in experts must reach its Avg-K within 10% on the calib
 """
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,12 +16,12 @@ pytest.importorskip("vllm")
 
 from beam_moe import beam_stats, from_pretrained
 from beam_moe.threshold_curve import ThresholdCurve
-from serving_models import PROMPTS, save_base, save_merged
+from serving_models import PROMPTS, outcome, run_engines, save_base, save_merged
 
 MAX_TOKENS = 10
-HERE = Path(__file__).parent
 PROMPT_LIST = [*PROMPTS, [120, 33, 47, 99, 101, 7, 64, 65, 66, 12]]
 LOW, HIGH = 0.35, 0.65  # thresholds asked per request; the checkpoint's own is 0.5
+BAD = {"threshold": {"beam_threshold": 1.5}, "avg-k": {"beam_avg_k": 99.0}, "type": {"beam_avg_k": "two"}}
 CURVE_LOGITS = [x / 4 for x in range(-16, 17)]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -86,6 +83,7 @@ def results(checkpoint, budgets_asked, tmp_path_factory):
         case(
             "mixed",
             extra_args=[{"beam_threshold": LOW}, None, {"beam_threshold": HIGH}, {"beam_threshold": LOW}],
+            refused=[BAD[name] for name in sorted(BAD)],
         ),
         case(
             "mixed-chunked",
@@ -101,27 +99,8 @@ def results(checkpoint, budgets_asked, tmp_path_factory):
             prompts=PROMPT_LIST * 2,
             extra_args=[{"beam_avg_k": few}] * len(PROMPT_LIST) + [{"beam_avg_k": many}] * len(PROMPT_LIST),
         ),
-        case("bad-threshold", extra_args=[None, {"beam_threshold": 1.5}, None, None]),
-        case("bad-avg-k", extra_args=[{"beam_avg_k": 99.0}, None, None, None]),
-        case("bad-type", extra_args=[{"beam_avg_k": "two"}, None, None, None]),
     ]
-    root = tmp_path_factory.mktemp("budgets-run")
-    (root / "spec.json").write_text(json.dumps({"cases": cases}))
-    env = {**os.environ, "BEAM_MOE_LOG_INTERVAL": "0"}
-    result = subprocess.run(
-        [sys.executable, str(HERE / "vllm_generate.py"), str(root / "spec.json"), str(root / "out.json")],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=900,
-    )
-    assert result.returncode == 0, result.stderr[-5000:]
-    return json.loads((root / "out.json").read_text())
-
-
-def outcome(results, name):
-    assert "error" not in results[name], results[name].get("error")
-    return results[name]
+    return run_engines(cases, tmp_path_factory.mktemp("budgets-run"))
 
 
 @pytest.mark.parametrize("what", ["tokens", "logprobs"])
@@ -187,14 +166,14 @@ def test_budget_in_experts_reaches_its_avg_k(results, budgets_asked):
 @pytest.mark.parametrize(
     ("name", "field", "words"),
     [
-        ("bad-threshold", "beam_threshold", "strictly between 0 and 1"),
-        ("bad-avg-k", "beam_avg_k", "the Avg-K range this checkpoint was calibrated over"),
-        ("bad-type", "beam_avg_k", "must be a number"),
+        ("threshold", "beam_threshold", "strictly between 0 and 1"),
+        ("avg-k", "beam_avg_k", "the Avg-K range this checkpoint was calibrated over"),
+        ("type", "beam_avg_k", "must be a number"),
     ],
 )
 def test_bad_budget_is_refused_naming_the_field(results, name, field, words):
-    error = results[name].get("error", "")
-    assert "VLLMValidationError" in error and field in error and words in error, error[-2000:]
+    error = outcome(results, "mixed")["refused"][sorted(BAD).index(name)]
+    assert error and error.startswith("VLLMValidationError") and field in error and words in error, error
 
 
 def test_vllm_loads_the_processors_by_the_names_the_plugin_gives():
@@ -224,3 +203,26 @@ def test_v2_model_runner_refuses_budgets_and_says_how_to_get_them():
     with pytest.raises(VLLMValidationError, match="VLLM_USE_V2_MODEL_RUNNER=0") as caught:
         BeamBudgetsRefusedOnV2.validate_params(SamplingParams(extra_args={"beam_avg_k": 2.0}))
     assert caught.value.parameter == "beam_avg_k"
+
+
+def test_admission_without_the_curve_leaves_the_range_to_the_worker(monkeypatch):
+    """An API-server process that did not build the engine's config has no curve: it still refuses
+    what is wrong whatever the curve, and lets a numeric budget through instead of calling the
+    checkpoint uncalibrated."""
+    from vllm import SamplingParams
+    from vllm.exceptions import VLLMValidationError
+
+    from beam_moe.serving.vllm import budgets
+
+    monkeypatch.setattr(budgets, "_ADMISSION", {"known": False, "curve": None})
+    budgets.BeamBudgets.validate_params(SamplingParams(extra_args={"beam_avg_k": 2.0}))
+    for args, words in [
+        ({"beam_avg_k": "two"}, "must be a number"),
+        ({"beam_avg_k": 2.0, "beam_threshold": 0.5}, "not both"),
+        ({"beam_threshold": 1.5}, "strictly between 0 and 1"),
+    ]:
+        with pytest.raises(VLLMValidationError, match=words):
+            budgets.BeamBudgets.validate_params(SamplingParams(extra_args=args))
+    monkeypatch.setattr(budgets, "_ADMISSION", {"known": True, "curve": None})
+    with pytest.raises(VLLMValidationError, match="needs a calibrated checkpoint"):
+        budgets.BeamBudgets.validate_params(SamplingParams(extra_args={"beam_avg_k": 2.0}))

@@ -5,12 +5,6 @@ All engines run in one subprocess (tests/vllm_generate.py), one after another, s
 once; transformers runs here, on the same checkpoints, for the expected values.
 """
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -19,12 +13,11 @@ pytest.importorskip("vllm")
 from beam_moe import beam_stats, from_pretrained
 from beam_moe.loading import load_base_model
 from beam_moe.merged import mask_layer_index
-from serving_models import MLA_DTYPE, MLA_FAMILIES, PROMPTS, save_base, save_merged
+from serving_models import MLA_DTYPE, MLA_FAMILIES, PROMPTS, outcome, run_engines, save_base, save_merged
 
 MAX_TOKENS = 10
 OTHER_FAMILIES = ["qwen2_moe", "olmoe", "mixtral", "gpt_oss", *MLA_FAMILIES]
 TRITON_PROMPTS, TRITON_TOKENS = PROMPTS[:2], 4  # the kernel runs in triton's (slow) CPU interpreter
-HERE = Path(__file__).parent
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -74,23 +67,7 @@ def vllm_results(checkpoints, tmp_path_factory):
             env={"TRITON_INTERPRET": "1"},  # no GPU here: the kernel runs in triton's CPU interpreter
         ),
     ]
-    root = tmp_path_factory.mktemp("vllm-run")
-    (root / "spec.json").write_text(json.dumps({"cases": cases}))
-    env = {**os.environ, "BEAM_MOE_LOG_INTERVAL": "0"}
-    result = subprocess.run(
-        [sys.executable, str(HERE / "vllm_generate.py"), str(root / "spec.json"), str(root / "out.json")],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=900,
-    )
-    assert result.returncode == 0, result.stderr[-5000:]
-    return json.loads((root / "out.json").read_text())
-
-
-def outcome(results, name):
-    assert "error" not in results[name], results[name].get("error")
-    return results[name]
+    return run_engines(cases, tmp_path_factory.mktemp("vllm-run"))
 
 
 def transformers_greedy(model, prompts=PROMPTS, steps=MAX_TOKENS):

@@ -187,7 +187,11 @@ def _query_start_loc(metadata: Any) -> Tensor | None:
 
 
 REQUEST_BUDGETS = RequestBudgets()
-_ADMISSION_CURVE: dict[str, ThresholdCurve | None] = {"curve": None}
+_ADMISSION: dict[str, Any] = {"known": False, "curve": None}
+"""The checkpoint's curve in the process that built the engine's config. Extra API-server processes
+(`--api-server-count`) receive the config already built and never see it: there a budget in
+experts is checked for being a number only, and the worker serves one outside the curve's range at
+the checkpoint's threshold, with a warning."""
 
 
 def _validate(sampling_params: Any) -> None:
@@ -195,7 +199,14 @@ def _validate(sampling_params: Any) -> None:
     if not any(args.get(name) is not None for name in REQUEST_FIELDS):
         return
     try:
-        requested_threshold(args, _ADMISSION_CURVE["curve"])
+        if not _ADMISSION["known"] and args.get(AVG_K_FIELD) is not None:
+            value = args[AVG_K_FIELD]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise BeamError(f"{AVG_K_FIELD} must be a number, got {value!r:.60}")
+            if args.get(THRESHOLD_FIELD) is not None:
+                raise BeamError(f"ask for {AVG_K_FIELD} or {THRESHOLD_FIELD}, not both")
+            return
+        requested_threshold(args, _ADMISSION["curve"])
     except BeamError as e:
         from vllm.exceptions import VLLMValidationError
 
@@ -260,7 +271,7 @@ class BeamServingConfig(VerifyAndUpdateConfig):
         processors = list(model_config.logits_processors or [])
         if processor not in processors:
             model_config.logits_processors = [*processors, processor]
-        _ADMISSION_CURVE["curve"] = curve_of(model_config.hf_config)
+        _ADMISSION.update(known=True, curve=curve_of(model_config.hf_config))
 
 
 def register_budgets(architectures: list[str]) -> None:
