@@ -167,7 +167,12 @@ def interrupted(root):
         while not checkpoint_dirs(output):
             if finished.wait(0.05):
                 return  # the run ended some other way; the test reports its exit code
-        _thread.interrupt_main()
+        # A simulated Ctrl-C that lands while the main thread runs a callback which swallows
+        # exceptions (as a real one can) is lost: press again, as a user would, until it stops.
+        while True:
+            _thread.interrupt_main()
+            if finished.wait(3.0):
+                return
 
     presser = threading.Thread(target=press_ctrl_c, daemon=True)
     presser.start()
