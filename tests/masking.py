@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from beam_moe.adapters import family_for
+from beam_moe.families import family_for
 
 
 def randomize_heads(model: nn.Module, seed: int, std: float = 0.2) -> None:

@@ -70,7 +70,7 @@ def test_masks_keep_exactly_the_asked_number_of_pairs():
 def test_preset_configs_have_the_real_layer_sizes():
     from transformers import AutoModelForCausalLM
 
-    from beam_moe.adapters import family_for
+    from beam_moe.families import family_for
     from beam_moe.presets import PRESETS
 
     for preset in PRESETS.values():

@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from beam_moe.adapters import family_for
 from beam_moe.experts import ExpertWeights, available_backends, get_backend
+from beam_moe.families import family_for
 from beam_moe.tiny_models import tiny_model
 
 BACKENDS = ["reference", "grouped"]

@@ -5,7 +5,6 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from beam_moe.adapters import family_for
 from beam_moe.experts import ExpertWeights, get_backend
 from beam_moe.experts.grouped import (
     combine_rows,
@@ -13,6 +12,7 @@ from beam_moe.experts.grouped import (
     grouped_experts,
     sort_kept_pairs,
 )
+from beam_moe.families import family_for
 from beam_moe.tiny_models import tiny_model
 
 STRATEGIES = ["loop", "grouped_mm"]

@@ -16,8 +16,8 @@ from beam_moe import (
     load_beam,
     save_beam,
 )
-from beam_moe.adapters import family_for
 from beam_moe.eval.baselines import using_baseline
+from beam_moe.families import family_for
 from beam_moe.loading import load_base_model
 from beam_moe.mask import ROUTER_FEATURE_FLOOR, MaskHead, router_feature
 from beam_moe.tiny_models import tiny_model

@@ -8,9 +8,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from beam_moe.adapters import MoEFamily, family_for
 from beam_moe.config import BeamConfig
 from beam_moe.errors import BeamError
+from beam_moe.families import MoEFamily, family_for
 from beam_moe.identity import base_identity
 from beam_moe.layer import BeamMoELayer
 from beam_moe.mask import MaskHead, l1_regularizer

@@ -16,11 +16,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from beam_moe.adapters import family_for
 from beam_moe.atomic import atomic_directory, atomic_write_text
 from beam_moe.attach import attach, detach, get_attachment, is_attached, select_blocks
 from beam_moe.config import BeamConfig
 from beam_moe.errors import BeamError
+from beam_moe.families import family_for
 from beam_moe.identity import base_identity, identity_mismatch, identity_problem
 from beam_moe.threshold_curve import ThresholdCurve
 

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from beam_moe.adapters import MoEFamily
+    from beam_moe.families import MoEFamily
 
 _PROBES = 4
 _PROBE_TOLERANCE = 0.05

@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
 
-from beam_moe.adapters.base import MoEFamily
 from beam_moe.config import BeamConfig
 from beam_moe.errors import BeamError
 from beam_moe.experts import ExpertWeights, get_backend
+from beam_moe.families import MoEFamily
 from beam_moe.mask import MaskHead
 from beam_moe.routing import RoutingPolicy, apply_keep, apply_slot_mask, to_sentinel
 

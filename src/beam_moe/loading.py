@@ -83,8 +83,8 @@ def load_model_config(name_or_path: str | Path, what: str = "the model") -> Pret
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from beam_moe.adapters import family_for
     from beam_moe.attach import select_blocks
+    from beam_moe.families import family_for
 
     name, is_local = model_source(name_or_path, what)
     try:

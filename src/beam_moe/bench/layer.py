@@ -26,7 +26,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from beam_moe.adapters import family_for
 from beam_moe.bench.machine import LimitProbes, MachineLimits, default_sizes, describe_machine
 from beam_moe.bench.synthetic import (
     INIT_STD,
@@ -39,6 +38,7 @@ from beam_moe.bench.timing import interleaved_medians
 from beam_moe.config import BeamConfig
 from beam_moe.errors import BeamError
 from beam_moe.experts import get_backend
+from beam_moe.families import family_for
 from beam_moe.layer import BeamMoELayer
 from beam_moe.mask import MaskHead
 from beam_moe.presets import MoEPreset

@@ -18,9 +18,9 @@ def describe(path: str) -> dict:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from beam_moe.adapters import FAMILIES, family_for
     from beam_moe.checkpoint import CONFIG_FILE, read_adapter_config
     from beam_moe.errors import BeamError
+    from beam_moe.families import FAMILIES, family_for
     from beam_moe.loading import model_source
 
     merged = _merged(Path(path))

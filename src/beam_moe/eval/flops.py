@@ -71,8 +71,8 @@ def model_shapes(model: nn.Module) -> list[MoELayerShape]:
     Shared experts are every linear layer of the block outside the router, the routed experts and
     the mask head (Qwen2-MoE's shared expert and its sigmoid gate, DeepSeek's shared MLP).
     """
-    from beam_moe.adapters import family_for
     from beam_moe.experts import ExpertWeights
+    from beam_moe.families import family_for
 
     family = family_for(model)
     shapes = []
@@ -228,7 +228,7 @@ def measured_flops(model: nn.Module, per_layer: Mapping[str, float], *, mask_hea
 
     MoE blocks without a measurement (no mask attached) count all K experts and no mask head.
     """
-    from beam_moe.adapters import family_for
+    from beam_moe.families import family_for
 
     names = [name for name, _ in family_for(model).find_blocks(model)]
     unknown = sorted(set(per_layer) - set(names))

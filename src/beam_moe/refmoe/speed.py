@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from beam_moe.adapters import family_for
 from beam_moe.bench.timing import interleaved_medians
+from beam_moe.families import family_for
 
 
 class MoETimer:
