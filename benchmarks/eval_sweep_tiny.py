@@ -161,7 +161,7 @@ def main() -> None:
         (staging / "sweep.json").write_text(json.dumps(result, indent=2) + "\n")
         (staging / "sweep.md").write_text(sweep_markdown(result))
         plot_sweep(result, staging / "sweep.png")
-        from beam_moe.checkpoint import load_beam
+        from beam_moe.adapter import load_beam
 
         load_beam(model, adapters[len(adapters) // 2])
         summary = analyze_routing(model, tokenizer, DEFAULT_PPL_FILE, max_tokens=8192, heatmap_tokens=64)

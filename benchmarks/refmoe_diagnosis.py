@@ -134,9 +134,9 @@ def main(argv: list[str] | None = None) -> int:
 def evaluate(args: argparse.Namespace, adapters: dict[str, Path]) -> dict[str, Any]:
     import torch
 
+    from beam_moe.adapter import load_beam, read_adapter_config
     from beam_moe.attach import attach, get_attachment
     from beam_moe.bench.machine import describe_machine
-    from beam_moe.checkpoint import load_beam, read_adapter_config
     from beam_moe.config import BeamConfig
     from beam_moe.eval.perplexity import equal_length_batches, perplexity, token_windows
     from beam_moe.refmoe import load_reference_model, load_reference_tokenizer

@@ -227,9 +227,9 @@ def evaluate(
 ) -> dict[str, Any]:
     import torch
 
+    from beam_moe.adapter import load_beam, read_adapter_config
     from beam_moe.attach import attach, get_attachment
     from beam_moe.bench.machine import describe_machine
-    from beam_moe.checkpoint import load_beam, read_adapter_config
     from beam_moe.config import BeamConfig
     from beam_moe.eval.baselines import using_baseline
     from beam_moe.eval.calibrate import calibrate

@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 from beam_moe import BeamConfig, attach, get_attachment, save_beam
+from beam_moe.base_models import load_base_model
 from beam_moe.families import family_for
-from beam_moe.loading import load_base_model
 from beam_moe.merged import export_merged
 from beam_moe.tiny_models import BYTE_VOCAB_SIZE, byte_tokenizer, tiny_model
 from masking import randomize_heads

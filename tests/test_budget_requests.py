@@ -21,9 +21,9 @@ from beam_moe import (
     read_threshold_curve,
     save_beam,
 )
+from beam_moe.base_models import load_base_model
 from beam_moe.cli import main
 from beam_moe.eval import measure_threshold_curve, perplexity
-from beam_moe.loading import load_base_model
 from beam_moe.merged import export_merged
 from beam_moe.threshold_curve import ThresholdCurve
 from beam_moe.tiny_models import BYTE_VOCAB_SIZE, byte_tokenizer, tiny_model
@@ -346,7 +346,7 @@ def test_train_stores_the_curve_unless_asked_not_to(folders, tmp_path, capsys):
 
 
 def _tokenizer(folders):
-    from beam_moe.loading import load_tokenizer
+    from beam_moe.base_models import load_tokenizer
 
     return load_tokenizer(folders / "base")
 

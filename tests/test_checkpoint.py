@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from beam_moe import BeamConfig, BeamError, attach, beam_stats, get_attachment, load_beam, save_beam
-from beam_moe.checkpoint import CONFIG_FILE, WEIGHTS_FILE, read_adapter_config
+from beam_moe.adapter import CONFIG_FILE, WEIGHTS_FILE, read_adapter_config
 from beam_moe.tiny_models import tiny_model
 from conftest import token_batch
 from masking import randomize_heads
@@ -183,7 +183,7 @@ def test_a_crash_during_save_leaves_the_old_adapter(trained, tmp_path):
             with open(filename, "r+b") as f:
                 f.truncate(100)
             os._exit(3)
-        import beam_moe.checkpoint as c
+        import beam_moe.adapter as c
         c.save_file = dying_save
         save_beam(attach(tiny_model("qwen3_moe")), {str(path)!r})
         """

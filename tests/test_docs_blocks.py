@@ -210,7 +210,7 @@ PRELUDES = {
         "from beam_moe.train import BudgetController, calibrate_router_heads, calibrate_threshold",
     ): """
 from beam_moe import attach
-from beam_moe.loading import load_base_model, load_tokenizer
+from beam_moe.base_models import load_base_model, load_tokenizer
 model = attach(load_base_model("path/to/model"))
 ids = load_tokenizer("path/to/model")(open("held_out.jsonl").read())["input_ids"][:256]
 batches = [{"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}]

@@ -12,9 +12,9 @@ import sys
 import pytest
 
 from beam_moe import BeamError, attach, save_beam
+from beam_moe.base_models import load_base_model
 from beam_moe.cli import main
 from beam_moe.errors import require
-from beam_moe.loading import load_base_model
 from beam_moe.refmoe import corpus
 from beam_moe.tiny_models import save_tiny
 

@@ -6,8 +6,8 @@ import re
 import pytest
 
 from beam_moe import attach, save_beam
+from beam_moe.base_models import load_base_model
 from beam_moe.cli import main
-from beam_moe.loading import load_base_model
 from beam_moe.tiny_models import save_tiny
 from masking import randomize_heads
 

@@ -22,10 +22,10 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 from beam_moe import BeamConfig, BeamError, attach, detach, is_attached, load_beam, read_adapter_config
-from beam_moe.checkpoint import CONFIG_FILE, WEIGHTS_FILE, save_beam
+from beam_moe.adapter import CONFIG_FILE, WEIGHTS_FILE, save_beam
+from beam_moe.base_models import load_base_model
 from beam_moe.cli.info import describe
 from beam_moe.config import BACKENDS
-from beam_moe.loading import load_base_model
 from beam_moe.merged import RUNTIME_KEYS, effective_beam_config, export_merged, read_merged_config
 from beam_moe.tiny_models import CHAT_TEMPLATE, byte_tokenizer, save_tiny
 from beam_moe.train.data import IGNORE, tokenize_blocks

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from beam_moe import BeamConfig, BeamError, beam_stats, from_pretrained, get_attachment, load_beam
+from beam_moe.base_models import load_base_model
 from beam_moe.cli import main
-from beam_moe.loading import load_base_model
 from beam_moe.merged import effective_beam_config, mask_layer_index
 from serving_models import PROMPTS, save_base, save_merged
 

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from beam_moe import attach, save_beam
+from beam_moe.base_models import load_base_model
 from beam_moe.cli import build_parser, main
 from beam_moe.cli.train import config_from_args
-from beam_moe.loading import load_base_model
 from beam_moe.tiny_models import byte_tokenizer
 from beam_moe.train.checkpointing import checkpoint_dirs
 from beam_moe.train.output import check_output

@@ -13,9 +13,9 @@ from safetensors.torch import save_file
 
 from beam_moe import attach, save_beam
 from beam_moe.atomic import atomic_directory, atomic_write_text
+from beam_moe.base_models import load_base_model
 from beam_moe.bench.synthetic import build_test_model
 from beam_moe.cli import main
-from beam_moe.loading import load_base_model
 from beam_moe.presets import MoEPreset
 from masking import randomize_heads
 from training import model_dir, write_text_jsonl

@@ -16,9 +16,9 @@ from beam_moe import (
     load_beam,
     save_beam,
 )
+from beam_moe.base_models import load_base_model
 from beam_moe.eval.baselines import using_baseline
 from beam_moe.families import family_for
-from beam_moe.loading import load_base_model
 from beam_moe.mask import ROUTER_FEATURE_FLOOR, MaskHead, router_feature
 from beam_moe.tiny_models import tiny_model
 from beam_moe.train.budget import calibrate_router_heads, measure_avg_k
@@ -181,7 +181,7 @@ def test_version_1_adapters_still_load_as_the_linear_head(tmp_path):
 def test_a_router_adapter_without_its_router_terms_is_refused(tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from beam_moe.checkpoint import _sha256
+    from beam_moe.adapter import _sha256
 
     path = save_beam(trained_router_model(), tmp_path / "adapter")
     tensors = {k: v for k, v in load_file(path / "beam_adapter.safetensors").items() if "router_" not in k}

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from beam_moe import beam_stats, load_beam
+from beam_moe.base_models import load_base_model, load_tokenizer
 from beam_moe.cli import main
-from beam_moe.loading import load_base_model, load_tokenizer
 from beam_moe.tiny_models import byte_tokenizer, save_tiny
 from beam_moe.train.data import load_training_data
 from training import model_dir, write_chat_jsonl, write_text_jsonl

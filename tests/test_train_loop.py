@@ -14,7 +14,7 @@ from beam_moe import (
     mask_parameters,
     mask_regularizer,
 )
-from beam_moe.loading import load_base_model
+from beam_moe.base_models import load_base_model
 from beam_moe.tiny_models import tiny_model
 from beam_moe.train import TrainConfig, Trainer, train
 from beam_moe.train.checkpointing import checkpoint_dirs

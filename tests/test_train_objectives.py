@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from beam_moe import BeamError, attach, get_attachment
-from beam_moe.loading import load_base_model
+from beam_moe.base_models import load_base_model
 from beam_moe.tiny_models import tiny_model
 from beam_moe.train import TrainConfig, Trainer
 from beam_moe.train.budget import BudgetController, FixedBeta

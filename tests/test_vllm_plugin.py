@@ -11,7 +11,7 @@ import torch
 pytest.importorskip("vllm")
 
 from beam_moe import beam_stats, from_pretrained
-from beam_moe.loading import load_base_model
+from beam_moe.base_models import load_base_model
 from beam_moe.merged import mask_layer_index
 from serving_models import MLA_DTYPE, MLA_FAMILIES, PROMPTS, outcome, run_engines, save_base, save_merged
 

@@ -19,7 +19,7 @@ import sys
 import types
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from beam_moe.version import __version__
 
 _PUBLIC = {
     "attach": (
@@ -33,7 +33,7 @@ _PUBLIC = {
         "set_routing_policy",
     ),
     "budget": ("beam_budget",),
-    "checkpoint": ("load_beam", "read_adapter_config", "read_threshold_curve", "save_beam"),
+    "adapter": ("load_beam", "read_adapter_config", "read_threshold_curve", "save_beam"),
     "config": ("BeamConfig",),
     "errors": ("BeamError",),
     "loading": ("load_beam_model",),
@@ -100,6 +100,7 @@ sys.modules[__name__].__class__ = _Package
 
 
 if TYPE_CHECKING:
+    from beam_moe.adapter import load_beam, read_adapter_config, read_threshold_curve, save_beam
     from beam_moe.attach import (
         attach,
         detach,
@@ -111,7 +112,6 @@ if TYPE_CHECKING:
         set_routing_policy,
     )
     from beam_moe.budget import beam_budget
-    from beam_moe.checkpoint import load_beam, read_adapter_config, read_threshold_curve, save_beam
     from beam_moe.config import BeamConfig
     from beam_moe.errors import BeamError
     from beam_moe.loading import load_beam_model

@@ -28,8 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from beam_moe.atomic import atomic_directory, atomic_write_text
-from beam_moe.checkpoint import (
+from beam_moe.adapter import (
     CONFIG_FILE,
     CURVE_KEY,
     WEIGHTS_FILE,
@@ -39,10 +38,12 @@ from beam_moe.checkpoint import (
     read_threshold_curve,
     write_threshold_curve,
 )
+from beam_moe.atomic import atomic_directory, atomic_write_text
 from beam_moe.config import BeamConfig
 from beam_moe.errors import BeamError
 from beam_moe.outputs import check_output_folder
 from beam_moe.threshold_curve import ThresholdCurve
+from beam_moe.version import __version__
 
 FORMAT = "beam-moe-merged"
 FORMAT_VERSION = 2
@@ -72,7 +73,7 @@ def mask_layer_index(name: str) -> int:
 
 
 def _resolve_base_folder(name_or_path: str) -> Path:
-    from beam_moe.loading import model_source
+    from beam_moe.base_models import model_source
 
     name, is_local = model_source(name_or_path, "the base model")
     if is_local:
@@ -153,7 +154,7 @@ def export_merged(
         config["beam_export"] = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
-            "beam_moe_version": _version(),
+            "beam_moe_version": __version__,
             "config": document["config"].to_dict(),
             "base_architectures": list(architectures),
             "base_name_or_path": base_name,
@@ -196,12 +197,6 @@ def _add_masks_to_index(index_path: Path, weights_path: Path) -> None:
     index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
-def _version() -> str:
-    from beam_moe import __version__
-
-    return __version__
-
-
 def read_merged_config(config: dict[str, Any] | Any, source: str = "config.json") -> dict[str, Any]:
     """The `beam_export` section of a merged checkpoint's config (a dict or a transformers config)."""
     data = config if isinstance(config, dict) else config.to_dict()
@@ -214,7 +209,7 @@ def read_merged_config(config: dict[str, Any] | Any, source: str = "config.json"
     if export.get("format_version") not in READABLE_VERSIONS:
         raise BeamError(
             f"{source} has merged format version {export.get('format_version')!r}; "
-            f"this beam-moe ({_version()}) reads versions {', '.join(map(str, READABLE_VERSIONS))}"
+            f"this beam-moe ({__version__}) reads versions {', '.join(map(str, READABLE_VERSIONS))}"
         )
     if export["format_version"] == 1 and isinstance(export.get("config"), dict):
         export["config"].setdefault("head", "linear")
@@ -288,7 +283,7 @@ def from_pretrained(
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from beam_moe.attach import get_attachment
-    from beam_moe.loading import parse_dtype
+    from beam_moe.base_models import parse_dtype
 
     path = Path(path)
     if not (path / "config.json").is_file():

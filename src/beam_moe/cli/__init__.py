@@ -82,7 +82,7 @@ def _show_defaults(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from beam_moe import __version__
+    from beam_moe.version import __version__
 
     parser = argparse.ArgumentParser(
         prog="beam-moe",

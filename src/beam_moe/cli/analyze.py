@@ -48,9 +48,9 @@ def run(args: argparse.Namespace) -> int:
     from beam_moe.atomic import atomic_directory
     from beam_moe.errors import BeamError, require
     from beam_moe.eval.analysis import analyze_routing
-    from beam_moe.eval.load import load_eval_model
     from beam_moe.eval.plots import ANALYSIS_PLOTS, write_analysis_plots
     from beam_moe.eval.text import read_texts
+    from beam_moe.loading import load_eval_model
     from beam_moe.outputs import check_output_folder
 
     require("matplotlib", "eval", "beam-moe analyze")  # before the analysis runs, not after

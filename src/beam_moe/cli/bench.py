@@ -116,8 +116,8 @@ def _emit(document: dict, args: argparse.Namespace, table: list[str]) -> None:
 
 
 def run_layer(args: argparse.Namespace) -> int:
+    from beam_moe.base_models import parse_dtype
     from beam_moe.bench.layer import bench_layer, parse_tokens
-    from beam_moe.loading import parse_dtype
     from beam_moe.presets import get_preset
 
     _check_output(args)
@@ -151,9 +151,9 @@ def run_layer(args: argparse.Namespace) -> int:
 
 
 def run_generate(args: argparse.Namespace) -> int:
+    from beam_moe.base_models import parse_dtype
     from beam_moe.bench.generate import bench_generate
     from beam_moe.bench.layer import parse_tokens
-    from beam_moe.loading import parse_dtype
 
     _check_output(args)
     document = bench_generate(
@@ -185,8 +185,8 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def run_make_model(args: argparse.Namespace) -> int:
+    from beam_moe.base_models import parse_dtype
     from beam_moe.bench.synthetic import build_test_model
-    from beam_moe.loading import parse_dtype
 
     summary = build_test_model(
         args.output,

@@ -58,10 +58,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _load(args: argparse.Namespace) -> tuple[Any, Any, str]:
     """(model, tokenizer, "adapter" | "merged") for the folder, refused unless it holds mask heads."""
-    from beam_moe.checkpoint import CONFIG_FILE
+    from beam_moe.adapter import CONFIG_FILE
+    from beam_moe.base_models import load_tokenizer
     from beam_moe.errors import BeamError
-    from beam_moe.eval.load import load_eval_model
-    from beam_moe.loading import load_tokenizer
+    from beam_moe.loading import load_eval_model
     from beam_moe.merged import from_pretrained, is_merged_checkpoint
 
     path = Path(args.path)
@@ -87,8 +87,8 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any, str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from beam_moe.adapter import CONFIG_FILE, write_threshold_curve
     from beam_moe.attach import get_attachment
-    from beam_moe.checkpoint import CONFIG_FILE, write_threshold_curve
     from beam_moe.errors import BeamError
     from beam_moe.eval.curve import check_thresholds, measure_threshold_curve
     from beam_moe.eval.text import read_texts

@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     from beam_moe.attach import set_routing_policy
     from beam_moe.errors import require
     from beam_moe.eval import DEFAULT_PPL_FILE, measured_flops, perplexity, read_texts, run_tasks
-    from beam_moe.eval.load import load_eval_model
+    from beam_moe.loading import load_eval_model
     from beam_moe.outputs import check_output_file
     from beam_moe.train.objectives import keep_all, masks_off
 
@@ -140,8 +140,8 @@ def warn_long_windows(max_length: int, model_config: Any) -> None:
     """
     import warnings
 
+    from beam_moe.base_models import context_length
     from beam_moe.errors import BeamWarning
-    from beam_moe.loading import context_length
 
     limit = context_length(model_config)
     if limit is not None and max_length > limit:

@@ -18,10 +18,10 @@ def describe(path: str) -> dict:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from beam_moe.checkpoint import CONFIG_FILE, read_adapter_config
+    from beam_moe.adapter import CONFIG_FILE, read_adapter_config
+    from beam_moe.base_models import model_source
     from beam_moe.errors import BeamError
     from beam_moe.families import FAMILIES, family_for
-    from beam_moe.loading import model_source
 
     merged = _merged(Path(path))
     if merged is not None:
@@ -104,7 +104,7 @@ def _merged(path: Path) -> dict | None:
 
 def _budgets(document: dict, path: str) -> str:
     """Which budgets in experts (`beam_avg_k`) the checkpoint serves: its threshold curve's range."""
-    from beam_moe.checkpoint import read_threshold_curve
+    from beam_moe.adapter import read_threshold_curve
 
     curve = read_threshold_curve(document)
     if curve is None:

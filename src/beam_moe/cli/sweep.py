@@ -47,10 +47,10 @@ def run(args: argparse.Namespace) -> int:
     from beam_moe.atomic import atomic_directory
     from beam_moe.errors import BeamError, require
     from beam_moe.eval.baselines import get_baseline
-    from beam_moe.eval.load import load_eval_model
     from beam_moe.eval.plots import plot_sweep
     from beam_moe.eval.sweep import sweep, sweep_markdown
     from beam_moe.eval.text import read_texts
+    from beam_moe.loading import load_eval_model
     from beam_moe.outputs import check_output_folder
 
     require("matplotlib", "eval", "sweep.png")  # before the sweep runs, not after

@@ -273,7 +273,7 @@ def run(args: argparse.Namespace) -> int:
 
 def resume_hint(args: argparse.Namespace, argv: list[str]) -> str | None:
     """After Ctrl-C: the command that continues the run in --output (the same one, with --resume)."""
-    from beam_moe.checkpoint import CONFIG_FILE
+    from beam_moe.adapter import CONFIG_FILE
     from beam_moe.train.checkpointing import checkpoint_dirs
     from beam_moe.train.output import TRAINING_ARGS
 

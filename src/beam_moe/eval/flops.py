@@ -99,7 +99,7 @@ def folder_shapes(path: str | Path, base: str | Path | None = None) -> tuple[lis
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from beam_moe.checkpoint import CONFIG_FILE, read_adapter_config
+    from beam_moe.adapter import CONFIG_FILE, read_adapter_config
 
     path = Path(path)
     if not path.exists():
@@ -111,7 +111,7 @@ def folder_shapes(path: str | Path, base: str | Path | None = None) -> tuple[lis
         name = read_adapter_config(path)["base"].get("name_or_path") or ""
         if not name:
             raise BeamError(f"the adapter at {path} does not name its base model; pass --model")
-    from beam_moe.loading import model_source
+    from beam_moe.base_models import model_source
 
     name, is_local = model_source(name)
     try:

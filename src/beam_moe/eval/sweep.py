@@ -15,8 +15,8 @@ from typing import Any
 
 from torch import nn
 
+from beam_moe.adapter import load_beam
 from beam_moe.attach import set_routing_policy
-from beam_moe.checkpoint import load_beam
 from beam_moe.eval.baselines import BASELINES, get_baseline, model_top_k
 from beam_moe.eval.calibrate import calibrate, measure
 from beam_moe.eval.flops import measured_flops

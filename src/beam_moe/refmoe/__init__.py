@@ -31,13 +31,13 @@ def reference_model_path() -> Path:
 
 def load_reference_model(dtype: str = "float32", device: str = "cpu"):
     """The reference MoE in eval mode (bf16 weights on disk, upcast to `dtype`)."""
-    from beam_moe.loading import load_base_model
+    from beam_moe.base_models import load_base_model
 
     return load_base_model(reference_model_path(), dtype=dtype, device=device)
 
 
 def load_reference_tokenizer():
-    from beam_moe.loading import load_tokenizer
+    from beam_moe.base_models import load_tokenizer
 
     return load_tokenizer(reference_model_path())
 

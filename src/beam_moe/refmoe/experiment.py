@@ -215,15 +215,15 @@ def evaluate_adapters(
     the same BEAM options, so that no baseline runs on routers trained for BEAM.
     Returns (the sweep result, the last adapter's model, the tokenizer).
     """
+    from beam_moe.adapter import read_adapter_config
     from beam_moe.attach import attach
-    from beam_moe.checkpoint import read_adapter_config
+    from beam_moe.base_models import load_tokenizer
     from beam_moe.config import BeamConfig
     from beam_moe.eval import calibrate, sweep
     from beam_moe.eval.baselines import get_baseline
     from beam_moe.eval.calibrate import measure
-    from beam_moe.eval.load import load_eval_model
     from beam_moe.eval.sweep import _point, sweep_point
-    from beam_moe.loading import load_tokenizer
+    from beam_moe.loading import load_eval_model
     from beam_moe.refmoe import load_reference_model
 
     kwargs = dict(max_length=max_length, batch_size=8, max_tokens=eval_tokens)

@@ -30,10 +30,10 @@ import torch
 from torch import Tensor, nn
 
 from beam_moe import threads
+from beam_moe.adapter import write_threshold_curve
 from beam_moe.attach import attach, get_attachment, mask_regularizer
-from beam_moe.checkpoint import write_threshold_curve
+from beam_moe.base_models import context_length, load_base_model, load_model_config, load_tokenizer
 from beam_moe.errors import BeamError, BeamWarning, require
-from beam_moe.loading import context_length, load_base_model, load_model_config, load_tokenizer
 from beam_moe.threshold_curve import ThresholdCurve
 from beam_moe.train.budget import (
     BudgetController,

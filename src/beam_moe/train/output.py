@@ -22,17 +22,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
+from beam_moe.adapter import CONFIG_FILE, save_beam
 from beam_moe.atomic import atomic_directory, atomic_write_text, publish_mode
 from beam_moe.attach import get_attachment
-from beam_moe.checkpoint import CONFIG_FILE, save_beam
-from beam_moe.errors import BeamError, require
+from beam_moe.errors import BeamError
 from beam_moe.identity import router_fingerprint
 from beam_moe.mask import MaskHead
 from beam_moe.outputs import check_output_folder
-from beam_moe.train.checkpointing import checkpoint_dirs, run_of_checkpoint
+from beam_moe.train.checkpointing import checkpoint_dirs
 from beam_moe.train.config import TrainConfig
 
 TRAINING_ARGS = "training_args.json"
@@ -177,36 +177,6 @@ def write_result(
         attachment.base = base
 
 
-def rebuild_trained_base(
-    adapter: str | Path, extra: dict[str, Any], base: str | Path | None, dtype: Any, device: str
-) -> nn.Module:
-    """The model an adapter from `beam-moe train --train mask+router|lora|full` was trained with."""
-    from beam_moe.loading import load_base_model
-
-    adapter = Path(adapter)
-    weights = extra["model_weights"]
-    location = adapter / weights["path"]
-    if not location.exists():
-        raise BeamError(f"the adapter at {adapter} needs {location}, which is missing; copy the whole folder")
-    if weights["kind"] == "full":
-        return load_base_model(base or location, dtype, device)
-    model = load_base_model(base or extra["base_model"], dtype, device)
-    if weights["kind"] == "routers":
-        tensors = load_file(location)
-        own = dict(model.named_parameters())
-        missing = sorted(set(tensors) - set(own))
-        if missing:
-            raise BeamError(f"{location} holds router weights this model does not have: {missing[:3]}")
-        with torch.no_grad():
-            for name, value in tensors.items():
-                own[name].copy_(value)
-        return model
-    if weights["kind"] == "lora":
-        peft = require("peft", "train", "a LoRA-trained adapter")
-        return peft.PeftModel.from_pretrained(model, str(location)).merge_and_unload()
-    raise BeamError(f"the adapter at {adapter} names unknown trained weights {weights!r}")
-
-
 def read_run_config(run: Path) -> TrainConfig:
     """The TrainConfig of the run in folder `run`, from its training_args.json."""
     try:
@@ -217,46 +187,3 @@ def read_run_config(run: Path) -> TrainConfig:
         ) from None
     except (json.JSONDecodeError, TypeError, BeamError) as e:
         raise BeamError(f"{run / TRAINING_ARGS} cannot be read as training options ({e})") from e
-
-
-def load_checkpoint_model(
-    path: str | Path, base: str | Path | None = None, dtype: Any = "float32", device: str = "cpu"
-) -> nn.Module:
-    """The model as it was at the training checkpoint `path` (`RUN/checkpoints/step-N`), heads attached.
-
-    The heads run at the run's training threshold: the threshold that lands Avg-K on the target
-    is calibrated only when the run finishes, so a checkpoint's Avg-K may differ from the
-    finished adapter's. LoRA and full-model checkpoints hold weights that only the run can put
-    back together; they are refused with what to do instead.
-    """
-    from beam_moe.attach import attach
-    from beam_moe.loading import load_base_model
-
-    path = Path(path)
-    run = run_of_checkpoint(path)
-    if run is None:
-        raise BeamError(f"{path} is not a training checkpoint (RUN/checkpoints/step-N with a state.json)")
-    config = read_run_config(run)
-    if config.train in ("lora", "full"):
-        raise BeamError(
-            f"{path} is a checkpoint of a --train {config.train} run, which only training can restore; "
-            f"finish the run (the same beam-moe train command with --resume) and evaluate {run}"
-        )
-    try:
-        tensors = load_file(path / "trainable.safetensors")
-    except (OSError, ValueError) as e:
-        raise BeamError(
-            f"cannot read {path / 'trainable.safetensors'} ({e}); the checkpoint is damaged"
-        ) from e
-    model = attach(load_base_model(base or config.model, dtype, device), config.beam_config())
-    own = dict(model.named_parameters())
-    wrong = sorted(k for k, v in tensors.items() if k not in own or own[k].shape != v.shape)
-    if wrong:
-        raise BeamError(
-            f"{path} holds weights this model does not have, or with other shapes ({wrong[:3]}): "
-            f"it was written for another base model than {base or config.model}"
-        )
-    with torch.no_grad():
-        for name, value in tensors.items():
-            own[name].copy_(value)
-    return model

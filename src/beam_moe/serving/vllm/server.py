@@ -18,7 +18,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from beam_moe.checkpoint import CONFIG_FILE, WEIGHTS_FILE
+from beam_moe.adapter import CONFIG_FILE, WEIGHTS_FILE
 from beam_moe.errors import BeamError
 from beam_moe.merged import read_merged_config
 

@@ -23,6 +23,7 @@ from beam_moe.errors import BeamError
 from beam_moe.families import family_for
 from beam_moe.identity import base_identity, identity_mismatch, identity_problem
 from beam_moe.threshold_curve import ThresholdCurve
+from beam_moe.version import __version__
 
 CONFIG_FILE = "beam_config.json"
 WEIGHTS_FILE = "beam_adapter.safetensors"
@@ -41,12 +42,6 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def _version() -> str:
-    from beam_moe import __version__
-
-    return __version__
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -82,7 +77,7 @@ def save_beam(
         document = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
-            "beam_moe_version": _version(),
+            "beam_moe_version": __version__,
             "config": attachment.config.to_dict(),
             "base": attachment.base,
             "weights": {"file": WEIGHTS_FILE, "sha256": _sha256(staging / WEIGHTS_FILE)},
@@ -120,7 +115,7 @@ def read_adapter_config(path: str | Path) -> dict[str, Any]:
     if document.get("format_version") not in READABLE_VERSIONS:
         raise BeamError(
             f"{config_path} has format version {document.get('format_version')!r}; "
-            f"this beam-moe ({_version()}) reads versions {', '.join(map(str, READABLE_VERSIONS))}"
+            f"this beam-moe ({__version__}) reads versions {', '.join(map(str, READABLE_VERSIONS))}"
         )
     for key in ("config", "base", "weights"):
         if not isinstance(document.get(key), dict):
