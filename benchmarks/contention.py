@@ -87,7 +87,7 @@ class Competitor:
 
 
 def training_text(path: Path, characters: int) -> Path:
-    from beam_moe.refmoe.experiment import write_training_text
+    from beam_moe.experiments.refmoe.experiment import write_training_text
 
     write_training_text(path, characters, None, 0, "heldout")
     return path

@@ -48,8 +48,8 @@ TARGET = 1.5
 
 
 def train_runs(steps: list[int], fixed_beta: float | None, runs: Path) -> dict[str, Path]:
+    from beam_moe.experiments.refmoe.experiment import Recipe, train_mask_heads, write_training_text
     from beam_moe.refmoe import reference_model_path
-    from beam_moe.refmoe.experiment import Recipe, train_mask_heads, write_training_text
     from beam_moe.train import TrainConfig, train
 
     out: dict[str, Path] = {}
@@ -139,8 +139,8 @@ def evaluate(args: argparse.Namespace, adapters: dict[str, Path]) -> dict[str, A
     from beam_moe.bench.machine import describe_machine
     from beam_moe.config import BeamConfig
     from beam_moe.eval.perplexity import equal_length_batches, perplexity, token_windows
+    from beam_moe.experiments.refmoe.experiment import heldout_texts
     from beam_moe.refmoe import load_reference_model, load_reference_tokenizer
-    from beam_moe.refmoe.experiment import heldout_texts
     from beam_moe.train.budget import calibrate_threshold, measure_avg_k
 
     sweep = json.loads(args.sweep.read_text())

@@ -1,7 +1,7 @@
 """The paper's budget sweep at our scale, with power: held-out perplexity against Avg-K on the reference MoE.
 
 For every budget (target Avg-K 6, 4, 2, 1.5, 1, 0.5 of 8) and seed, one BEAM training run with the
-quickstart's recipe (`beam_moe.refmoe.experiment.Recipe`: the router-aware head by default); the
+quickstart's recipe (`beam_moe.experiments.refmoe.experiment.Recipe`: the router-aware head by default); the
 paper's linear head gets its own runs (`--paper-seeds`). Then, on the same held-out text
 (>= 100 K tokens, never trained on):
 
@@ -71,7 +71,7 @@ def train_missing(
     """Train every (head, budget, seed) without a finished adapter; returns seconds per trained run."""
     import shutil
 
-    from beam_moe.refmoe.experiment import Recipe, train_mask_heads, write_training_text
+    from beam_moe.experiments.refmoe.experiment import Recipe, train_mask_heads, write_training_text
 
     seconds: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as scratch:
@@ -175,7 +175,7 @@ def mean_se(values: list[float]) -> tuple[float, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from beam_moe.refmoe.experiment import Recipe
+    from beam_moe.experiments.refmoe.experiment import Recipe
 
     defaults = Recipe()
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -235,8 +235,8 @@ def evaluate(
     from beam_moe.eval.calibrate import calibrate
     from beam_moe.eval.flops import model_shapes
     from beam_moe.eval.perplexity import equal_length_batches, perplexity, token_windows
+    from beam_moe.experiments.refmoe.experiment import Recipe, heldout_texts
     from beam_moe.refmoe import load_reference_model, load_reference_tokenizer
-    from beam_moe.refmoe.experiment import Recipe, heldout_texts
     from beam_moe.train.budget import calibrate_threshold, measure_avg_k
 
     tokenizer = load_reference_tokenizer()

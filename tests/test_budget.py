@@ -105,9 +105,9 @@ def test_calibrate_threshold_lands_on_the_target():
 def test_controller_reaches_the_target_on_the_reference_moe(tmp_path, head, target):
     """A short run on the pretrained reference MoE (experts that matter), without the final
     calibration: the controller alone must hold the training Avg-K within 10% of the target."""
+    from beam_moe.experiments.refmoe.corpus import corpus_is_ready, default_data_dir
+    from beam_moe.experiments.refmoe.experiment import write_training_text
     from beam_moe.refmoe import reference_model_path
-    from beam_moe.refmoe.corpus import corpus_is_ready, default_data_dir
-    from beam_moe.refmoe.experiment import write_training_text
     from beam_moe.train import train
 
     if not corpus_is_ready(default_data_dir()):

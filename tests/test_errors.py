@@ -181,7 +181,7 @@ def test_quickstart_on_an_unprepared_corpus_says_how_to_prepare_it(tmp_path):
     message = result.stderr.strip().splitlines()[-1]
     assert message.startswith("beam-moe quickstart: error: the reference corpus in ")
     assert "could not download" in message and "No matching distribution" in message
-    assert f"python -m beam_moe.refmoe.corpus prepare --data-dir {data}" in message
+    assert f"python -m beam_moe.experiments.refmoe.corpus prepare --data-dir {data}" in message
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "qs").exists()
     assert not corpus.corpus_is_ready(data)

@@ -7,9 +7,9 @@ import os
 import pytest
 
 from beam_moe.cli import main
-from beam_moe.refmoe.compare import interpolate_top_k
-from beam_moe.refmoe.corpus import corpus_is_ready, default_data_dir
-from beam_moe.refmoe.experiment import pieces
+from beam_moe.experiments.refmoe.compare import interpolate_top_k
+from beam_moe.experiments.refmoe.corpus import corpus_is_ready, default_data_dir
+from beam_moe.experiments.refmoe.experiment import pieces
 
 TINY = [
     "--steps", "4", "--batch-size", "2", "--max-length", "64", "--eval-blocks", "2", "--eval-length", "64",
@@ -131,7 +131,7 @@ def test_mask_and_router_adapters_are_compared_with_baselines_on_the_stock_model
 def test_verdicts_say_how_each_baseline_was_compared():
     """Top-K pruning has whole numbers of experts only: its number at BEAM's fractional Avg-K is
     interpolated, and the verdict says so; a calibrated baseline's is measured."""
-    from beam_moe.refmoe.compare import verdict_lines
+    from beam_moe.experiments.refmoe.compare import verdict_lines
 
     comp = {
         "avg_k": 1.56, "top_k": 8, "beam_ppl": 83.59, "base_ppl": 65.0, "ppl_increase": 0.286,

@@ -9,7 +9,7 @@ import zipfile
 import pytest
 
 from beam_moe.errors import BeamError
-from beam_moe.refmoe.corpus import (
+from beam_moe.experiments.refmoe.corpus import (
     clean_text,
     corpus_is_ready,
     documents_from_archives,
@@ -140,7 +140,7 @@ def test_written_corpus_never_trains_on_held_out_text(archives, tmp_path):
 
 def test_real_prepared_corpus_keeps_held_out_documents_out_of_train():
     """On the corpus the set-up prepared (skipped where it has not been prepared)."""
-    from beam_moe.refmoe.corpus import default_data_dir
+    from beam_moe.experiments.refmoe.corpus import default_data_dir
 
     if not corpus_is_ready(default_data_dir()):
         pytest.skip("the corpus has not been prepared (scripts/setup.sh prepares it)")

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from beam_moe.refmoe.pretrain import EXIT_RESUMABLE, PretrainArgs, learning_rate, main
+from beam_moe.experiments.refmoe.pretrain import EXIT_RESUMABLE, PretrainArgs, learning_rate, main
 
 TINY_SHAPE = json.dumps(
     dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=32,

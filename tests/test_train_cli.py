@@ -203,7 +203,7 @@ def test_train_quickstart_and_api_share_one_set_of_defaults():
     import dataclasses
 
     from beam_moe.cli import build_parser
-    from beam_moe.refmoe.experiment import Recipe
+    from beam_moe.experiments.refmoe.experiment import Recipe
     from beam_moe.train import TrainConfig
 
     parser = build_parser()

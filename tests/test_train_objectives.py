@@ -4,11 +4,12 @@ import pytest
 import torch
 
 from beam_moe import BeamError, attach, get_attachment
+from beam_moe.attach import disable_masks, set_routing_policy
 from beam_moe.base_models import load_base_model
 from beam_moe.tiny_models import tiny_model
 from beam_moe.train import TrainConfig, Trainer
 from beam_moe.train.budget import BudgetController, FixedBeta
-from beam_moe.train.objectives import Objective, Teacher, deterministic_routing, masks_off
+from beam_moe.train.objectives import Objective, Teacher, deterministic_routing
 from conftest import token_batch
 from masking import randomize_heads
 from training import model_dir, write_text_jsonl
@@ -83,7 +84,7 @@ def test_distill_teacher_is_the_original_model_whatever_trains(teacher_dir, mode
     tokens = batch()
     with torch.no_grad():
         expected = base(input_ids=tokens["input_ids"]).logits
-        with masks_off(trainer.model):
+        with disable_masks(trainer.model):
             current = trainer.model.eval()(input_ids=tokens["input_ids"]).logits
     got = trainer.teacher.logits(tokens)
     assert (got - expected).abs().max() <= 1e-5
@@ -141,9 +142,9 @@ def test_kl_is_zero_for_a_fresh_adapter():
     assert Objective("distill").sums(logits, teacher, batch()["labels"])["kl"].abs() < 1e-4
 
 
-def test_masks_off_restores_the_heads_even_on_error():
+def test_disable_masks_restores_the_heads_even_on_error():
     model = attach(tiny_model("qwen3_moe"))
-    with pytest.raises(RuntimeError), masks_off(model):
+    with pytest.raises(RuntimeError), disable_masks(model):
         assert get_attachment(model).layers[0].policy is not None
         raise RuntimeError
     assert get_attachment(model).layers[0].policy is None
@@ -171,3 +172,25 @@ def test_controller_raises_beta_above_target_and_lowers_it_below():
 def test_out_of_range_targets_are_refused(target):
     with pytest.raises(BeamError, match="out of range"):
         BudgetController(target=target, top_k=4)
+
+
+def test_disable_masks_brings_back_the_policy_set_before():
+    """A baseline policy set before the block routes again after it (not the heads)."""
+
+    def drop_last(hidden, logits, weights, ids):
+        keep = torch.ones_like(ids, dtype=torch.bool)
+        keep[:, -1] = False
+        return keep
+
+    model = attach(tiny_model("qwen3_moe"))
+    ids = batch()["input_ids"]
+    with torch.no_grad():
+        base = model(input_ids=ids).logits
+        set_routing_policy(model, drop_last)
+        dropped = model(input_ids=ids).logits
+        with disable_masks(model):
+            inside = model(input_ids=ids).logits
+        after = model(input_ids=ids).logits
+    assert not torch.allclose(dropped, base)
+    torch.testing.assert_close(inside, base)
+    torch.testing.assert_close(after, dropped)

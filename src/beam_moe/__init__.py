@@ -25,6 +25,7 @@ _PUBLIC = {
     "attach": (
         "attach",
         "detach",
+        "disable_masks",
         "get_attachment",
         "is_attached",
         "last_avg_k",
@@ -58,6 +59,7 @@ __all__ = [
     "beam_budget",
     "beam_stats",
     "detach",
+    "disable_masks",
     "from_pretrained",
     "get_attachment",
     "is_attached",
@@ -104,6 +106,7 @@ if TYPE_CHECKING:
     from beam_moe.attach import (
         attach,
         detach,
+        disable_masks,
         get_attachment,
         is_attached,
         last_avg_k,

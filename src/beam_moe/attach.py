@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,7 +16,7 @@ from beam_moe.families import MoEFamily, family_for
 from beam_moe.identity import base_identity
 from beam_moe.layer import BeamMoELayer
 from beam_moe.mask import MaskHead, l1_regularizer
-from beam_moe.routing import RoutingPolicy
+from beam_moe.routing import RoutingPolicy, keep_all
 from beam_moe.stats import BeamStats
 from beam_moe.threshold_curve import ThresholdCurve
 
@@ -105,6 +107,21 @@ def set_routing_policy(model: nn.Module, policy: RoutingPolicy | None) -> None:
     """
     for layer in get_attachment(model).layers:
         layer.policy = policy
+
+
+@contextmanager
+def disable_masks(model: nn.Module) -> Iterator[None]:
+    """Run `model` as its base model (every Top-K expert kept) inside the block, like PEFT's
+    `disable_adapter()`; the heads, or the routing policy set before, come back on exit, even on error.
+    """
+    layers = get_attachment(model).layers
+    before = [layer.policy for layer in layers]
+    set_routing_policy(model, keep_all)
+    try:
+        yield
+    finally:
+        for layer, policy in zip(layers, before, strict=True):
+            layer.policy = policy
 
 
 def is_attached(model: nn.Module) -> bool:

@@ -80,6 +80,11 @@ Another way to decide `keep` (a baseline such as Top-P routing, or a fixed mask)
 """
 
 
+def keep_all(hidden: Tensor, router_logits: Tensor, weights: Tensor, ids: Tensor) -> Tensor:
+    """A routing policy that keeps every Top-K expert: the base model's computation."""
+    return torch.ones_like(ids, dtype=torch.bool)
+
+
 def apply_keep(weights: Tensor, ids: Tensor, keep: Tensor, *, renormalize: bool = False) -> MaskedRouting:
     """Gate the router's Top-K weights with a given `keep` (no gradient to a mask head)."""
     keep = keep.to(torch.bool)

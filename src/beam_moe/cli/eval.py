@@ -56,12 +56,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from beam_moe.attach import set_routing_policy
+    from beam_moe.attach import disable_masks, set_routing_policy
     from beam_moe.errors import require
     from beam_moe.eval import DEFAULT_PPL_FILE, measured_flops, perplexity, read_texts, run_tasks
     from beam_moe.loading import load_eval_model
     from beam_moe.outputs import check_output_file
-    from beam_moe.train.objectives import keep_all, masks_off
+    from beam_moe.routing import keep_all
 
     check_output_file(args.output, overwrite=args.overwrite)
     if args.tasks:
@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
 
     document: dict[str, Any] = dict(loaded)
     if ppl_file is not None and not plain_base and not args.no_base:
-        with masks_off(model):  # before a baseline's routing is applied: masks_off resets it
+        with disable_masks(model):  # the base model side by side, before any baseline is applied
             base = measure()
         document["base_perplexity"] = {
             "ppl": base.ppl,

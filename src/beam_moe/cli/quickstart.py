@@ -9,8 +9,8 @@ from beam_moe.cli._output import add_output_arguments
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from beam_moe.refmoe.experiment import Recipe
-    from beam_moe.refmoe.quickstart import QuickstartConfig
+    from beam_moe.experiments.refmoe.experiment import Recipe
+    from beam_moe.experiments.refmoe.quickstart import QuickstartConfig
 
     defaults, recipe = QuickstartConfig(), Recipe()
     p = subparsers.add_parser(
@@ -75,8 +75,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from beam_moe.errors import BeamError, require
-    from beam_moe.refmoe.experiment import Recipe
-    from beam_moe.refmoe.quickstart import QuickstartConfig, print_summary, run_quickstart
+    from beam_moe.experiments.refmoe.experiment import Recipe
+    from beam_moe.experiments.refmoe.quickstart import QuickstartConfig, print_summary, run_quickstart
 
     require("matplotlib", "eval", "the quickstart report's plots")  # before training, not after
     try:

