@@ -76,10 +76,14 @@ class TrainResult:
 
 
 def masked_kept(model: nn.Module, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
-    """Kept experts per MoE layer summed over the real (unpadded) tokens of the last forward, and that token count."""
+    """Kept experts per MoE layer summed over the real (unpadded) tokens of the last forward, and that token count.
+
+    Padding is masked away (`keep` is bool[T, K]) rather than indexed out: a boolean index needs
+    the host to learn the result's size, a synchronisation per micro-batch on an accelerator.
+    """
     real = attention_mask.reshape(-1).bool()
-    kept = torch.stack([layer.last_keep[real].sum() for layer in get_attachment(model).layers]).float()
-    return kept, real.sum().float()
+    kept = torch.stack([(layer.last_keep & real[:, None]).sum() for layer in get_attachment(model).layers])
+    return kept.float(), real.sum().float()
 
 
 def trained_dtypes(model: nn.Module) -> dict[str, str]:
