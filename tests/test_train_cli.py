@@ -219,3 +219,36 @@ def test_train_quickstart_and_api_share_one_set_of_defaults():
     recipe = Recipe()
     for name in ("lr", "controller_kp", "controller_ki", "settle"):
         assert getattr(recipe, name) == fields[name], name
+
+
+def test_every_train_config_field_is_an_option_with_the_field_default_and_help():
+    """`beam-moe train`'s options are generated from TrainConfig: every field has one (`beam` as
+    BeamConfig's --head and --threshold) with the field's default and documented help, so a command
+    line with only what must be given trains exactly the API's default run."""
+    import argparse
+    import dataclasses
+
+    from beam_moe.cli import build_parser
+    from beam_moe.cli.train import config_from_args
+    from beam_moe.config import BeamConfig
+    from beam_moe.train import TrainConfig
+
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    actions = {a.dest: a for a in subparsers.choices["train"]._actions}
+    for field in dataclasses.fields(TrainConfig):
+        if field.name == "beam":
+            continue
+        assert field.name in actions, f"TrainConfig.{field.name} has no beam-moe train option"
+        if field.default is not dataclasses.MISSING:
+            assert actions[field.name].default == field.default, field.name
+        if "help" in field.metadata:
+            assert actions[field.name].help.startswith(field.metadata["help"]), field.name
+    beam = BeamConfig()
+    assert (actions["head"].default, actions["threshold"].default) == (beam.head, beam.threshold)
+
+    argv = ["train", "--model", "m", "--data", "d", "--output", "o", "--beta", "0.1"]
+    cli = config_from_args(parser.parse_args(argv))
+    api = TrainConfig(model="m", data=["d"], output="o", beta=0.1)
+    assert {**cli.to_dict(), "beam": None} == {**api.to_dict(), "beam": None}
+    assert cli.beam_config() == api.beam_config()

@@ -119,19 +119,18 @@ def _budgets(document: dict, path: str) -> str:
 
 def _checkpoint(path: Path) -> dict | None:
     """A training checkpoint (`RUN/checkpoints/step-N`): what it belongs to and what to do with it."""
-    from beam_moe.train.checkpointing import run_of_checkpoint
+    from beam_moe.train.checkpointing import checkpoint_step, run_of_checkpoint
     from beam_moe.train.output import read_run_config
 
     run = run_of_checkpoint(path)
     if run is None:
         return None
     config = read_run_config(run)
-    state = json.loads((path / "state.json").read_text())
     return {
         "kind": "training checkpoint (written during beam-moe train)",
         "path": str(path),
         "run": str(run),
-        "step": state.get("step"),
+        "step": checkpoint_step(path),
         "base_model": config.model,
         "train": config.train,
         "target_avg_k": config.target_avg_k,

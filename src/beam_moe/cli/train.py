@@ -6,18 +6,57 @@ Runs unchanged under `accelerate launch` (DDP or FSDP2). See docs/training.md.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shlex
+import typing
 from pathlib import Path
 
 from beam_moe.cli._output import add_output_arguments
 
+# Fields with hand-written options: the run's inputs and output, and `beam` (the BeamConfig
+# options --head and --threshold).
+HAND_WRITTEN = ("model", "data", "output", "val_data", "beam", "overwrite")
+# Options that exclude each other, and whether one of them must be given.
+EXCLUSIVE = ((("beta", "target_avg_k"), True), (("max_steps", "epochs"), False))
 
-def _default(name: str):
-    """`TrainConfig`'s default for a field: the CLI, the Python API and the quickstart share them."""
+
+def add_config_options(parser: argparse.ArgumentParser) -> None:
+    """One option per TrainConfig field (but `HAND_WRITTEN`), with the field's default, type,
+    choices and help (train/config.py): the CLI, the Python API and the quickstart share them.
+
+    A bool field that is off by default is a `--NAME` flag; one that is on (or None: decided at
+    run time) is a `--no-NAME` flag that sets it to False.
+    """
     from beam_moe.train.config import TrainConfig
 
-    return TrainConfig.__dataclass_fields__[name].default
+    hints = typing.get_type_hints(TrainConfig)
+    groups = {}
+    for names, required in EXCLUSIVE:
+        group = parser.add_mutually_exclusive_group(required=required)
+        groups.update(dict.fromkeys(names, group))
+    for field in dataclasses.fields(TrainConfig):
+        if field.name in HAND_WRITTEN:
+            continue
+        target = groups.get(field.name, parser)
+        option = "--" + field.name.replace("_", "-")
+        kind = next((t for t in typing.get_args(hints[field.name]) if t is not type(None)), hints[field.name])
+        help = field.metadata["help"]
+        if kind is bool and field.default is False:
+            target.add_argument(option, dest=field.name, action="store_true", help=help)
+        elif kind is bool:
+            target.add_argument(
+                "--no-" + option[2:],
+                dest=field.name,
+                action="store_const",
+                const=False,
+                default=field.default,
+                help=help,
+            )
+        else:
+            target.add_argument(
+                option, type=kind, default=field.default, choices=field.metadata["choices"], help=help
+            )
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -44,203 +83,32 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="extend",
         help="validation data (default: hold out --val-fraction); repeatable",
     )
-    p.add_argument(
-        "--val-fraction",
-        type=float,
-        default=_default("val_fraction"),
-        help="share of sequences held out (0.05)",
-    )
-
-    sparsity = p.add_mutually_exclusive_group(required=True)
-    sparsity.add_argument("--beta", type=float, help="the paper's L1 weight on sigmoid(z) (fixed)")
-    sparsity.add_argument(
-        "--target-avg-k", type=float, help="kept experts per token to reach; beta is adjusted to get there"
-    )
-    p.add_argument(
-        "--controller-kp",
-        type=float,
-        default=_default("controller_kp"),
-        help="budget controller, proportional gain on the relative Avg-K error, in log beta (%(default)s)",
-    )
-    p.add_argument(
-        "--controller-ki",
-        type=float,
-        default=_default("controller_ki"),
-        help="budget controller, integral gain (%(default)s)",
-    )
-    p.add_argument(
-        "--controller-smoothing",
-        type=float,
-        default=_default("controller_smoothing"),
-        help="EMA factor of the training Avg-K the controller reads (%(default)s)",
-    )
-    p.add_argument("--beta-init", type=float, help="the controller's first beta (default: K / (2 target^2))")
-    p.add_argument(
-        "--settle",
-        type=float,
-        default=_default("settle"),
-        help="last fraction of the steps with beta frozen and the learning rates decaying (%(default)s)",
-    )
-    p.add_argument(
-        "--no-calibrate",
-        action="store_true",
-        help="keep threshold 0.5 at the end instead of calibrating it so that Avg-K equals the target",
-    )
-    p.add_argument(
-        "--calibration-tokens",
-        type=int,
-        default=_default("calibration_tokens"),
-        help="validation (else training) tokens the start and end calibrations measure (%(default)s)",
-    )
-    p.add_argument(
-        "--no-threshold-curve",
-        action="store_true",
-        help="skip measuring the threshold -> Avg-K curve at the end (the adapter then serves only "
-        "thresholds, not budgets in experts, until `beam-moe calibrate`)",
-    )
-    p.add_argument(
-        "--curve-tokens",
-        type=int,
-        default=_default("curve_tokens"),
-        help="validation (else training) tokens the threshold -> Avg-K curve is measured on, once per "
-        "threshold of its 33-point grid (%(default)s)",
-    )
-    p.add_argument(
-        "--start-avg-k",
-        type=float,
-        help="where a router-aware head starts (default: the target; with --beta, every expert kept)",
-    )
+    beam = BeamConfig.__dataclass_fields__
     p.add_argument(
         "--head",
         choices=("router", "linear"),
-        default=BeamConfig.__dataclass_fields__["head"].default,
-        help="router: router-aware head, starts as threshold skipping at the budget; linear: the paper's "
-        "(%(default)s)",
+        default=beam["head"].default,
+        help="router: router-aware head, starts as threshold skipping at the budget; linear: the paper's",
     )
     p.add_argument(
-        "--router-term-lr-ratio",
+        "--threshold",
         type=float,
-        default=_default("router_term_lr_ratio"),
-        help="learning rate of a router-aware head's two scalars per layer, x --lr (%(default)s)",
+        default=beam["threshold"].default,
+        help="keep a slot when sigmoid(z) >= threshold",
     )
-
-    p.add_argument("--objective", choices=("lm", "distill", "lm+distill"), default=_default("objective"))
-    p.add_argument(
-        "--distill-weight",
-        type=float,
-        default=_default("distill_weight"),
-        help="weight of the KL in lm+distill",
-    )
-    p.add_argument("--train", choices=("mask", "mask+router", "full", "lora"), default=_default("train"))
-    p.add_argument("--lora-rank", type=int, default=_default("lora_rank"))
-    p.add_argument("--lora-alpha", type=float, default=_default("lora_alpha"))
-    p.add_argument("--balance-coef", type=float, help="balance-loss weight for mask+router (model's own)")
-    p.add_argument("--threshold", type=float, default=0.5, help="keep a slot when sigmoid(z) >= threshold")
-
-    p.add_argument("--dtype", choices=("fp32", "bf16"), default=_default("dtype"))
-    p.add_argument("--lr", type=float, default=_default("lr"), help="mask heads' learning rate (%(default)s)")
-    p.add_argument("--model-lr", type=float, help="learning rate of routers / LoRA / full weights")
-    p.add_argument(
-        "--weight-decay",
-        type=float,
-        default=_default("weight_decay"),
-        help="AdamW weight decay (model weights)",
-    )
-    p.add_argument(
-        "--warmup", type=float, default=_default("warmup"), help="warm-up: a fraction (<1) or steps (>=1)"
-    )
-    p.add_argument(
-        "--min-lr-ratio",
-        type=float,
-        default=_default("min_lr_ratio"),
-        help="cosine decay ends at this x peak lr",
-    )
-    p.add_argument(
-        "--max-grad-norm", type=float, default=_default("max_grad_norm"), help="gradient clipping (0: off)"
-    )
-    p.add_argument(
-        "--batch-size", type=int, default=_default("batch_size"), help="sequences per process per micro-batch"
-    )
-    p.add_argument(
-        "--grad-accum", type=int, default=_default("grad_accum"), help="micro-batches per optimizer step"
-    )
-    p.add_argument("--max-length", type=int, default=_default("max_length"), help="tokens per sequence")
-    p.add_argument("--no-packing", action="store_true", help="one padded sequence per document")
-    length = p.add_mutually_exclusive_group()
-    length.add_argument("--max-steps", type=int, help="optimizer steps (overrides --epochs)")
-    length.add_argument("--epochs", type=float, default=_default("epochs"))
-    p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--seed", type=int, default=_default("seed"))
-
-    p.add_argument(
-        "--save-every", type=int, default=_default("save_every"), help="checkpoint every N steps (0: never)"
-    )
-    p.add_argument("--keep-checkpoints", type=int, default=_default("keep_checkpoints"))
-    p.add_argument(
-        "--eval-every",
-        type=int,
-        default=_default("eval_every"),
-        help="validate every N steps (0: at the end)",
-    )
-    p.add_argument("--resume", action="store_true", help="continue the run in --output from its checkpoint")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--no-tensorboard", action="store_true", help="no TensorBoard logs even when installed")
+    add_config_options(p)
     p.add_argument("--json", action="store_true", help="print the final metrics as JSON")
     p.set_defaults(func=run, on_interrupt=resume_hint)
 
 
 def config_from_args(args: argparse.Namespace):
+    """The TrainConfig of a parsed `beam-moe train` command line."""
     from beam_moe.train import TrainConfig
 
-    return TrainConfig(
-        model=args.model,
-        data=args.data,
-        output=args.output,
-        val_data=args.val_data,
-        val_fraction=args.val_fraction,
-        beta=args.beta,
-        target_avg_k=args.target_avg_k,
-        controller_kp=args.controller_kp,
-        controller_ki=args.controller_ki,
-        controller_smoothing=args.controller_smoothing,
-        beta_init=args.beta_init,
-        settle=args.settle,
-        calibrate=not args.no_calibrate,
-        calibration_tokens=args.calibration_tokens,
-        threshold_curve=not args.no_threshold_curve,
-        curve_tokens=args.curve_tokens,
-        start_avg_k=args.start_avg_k,
-        router_term_lr_ratio=args.router_term_lr_ratio,
-        objective=args.objective,
-        distill_weight=args.distill_weight,
-        train=args.train,
-        lora_rank=args.lora_rank,
-        lora_alpha=args.lora_alpha,
-        balance_coef=args.balance_coef,
-        beam={"threshold": args.threshold, "head": args.head},
-        dtype=args.dtype,
-        lr=args.lr,
-        model_lr=args.model_lr,
-        weight_decay=args.weight_decay,
-        warmup=args.warmup,
-        min_lr_ratio=args.min_lr_ratio,
-        max_grad_norm=args.max_grad_norm or None,
-        batch_size=args.batch_size,
-        grad_accum=args.grad_accum,
-        max_length=args.max_length,
-        packing=not args.no_packing,
-        max_steps=args.max_steps,
-        epochs=args.epochs,
-        gradient_checkpointing=args.gradient_checkpointing,
-        seed=args.seed,
-        save_every=args.save_every,
-        keep_checkpoints=args.keep_checkpoints,
-        eval_every=args.eval_every,
-        resume=args.resume,
-        overwrite=args.overwrite,
-        progress=not args.no_progress,
-        tensorboard=False if args.no_tensorboard else None,
-    )
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if f.name != "beam"}
+    values["beam"] = {"threshold": args.threshold, "head": args.head}
+    values["max_grad_norm"] = args.max_grad_norm or None  # --max-grad-norm 0: no clipping
+    return TrainConfig(**values)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -5,8 +5,9 @@ result = train(TrainConfig(model="path/to/moe", data=["chat.jsonl"], output="run
 result.output, result.metrics["val_avg_k"]
 
 Read top to bottom: config (the options), data (records -> token blocks), objectives (lm, distill),
-budget (beta or an Avg-K target), trainable (what trains), loop (the steps), checkpointing
-(resume exactly), metrics (logs), output (the finished folder and rebuilding from it).
+budget (beta or an Avg-K target), trainable (what trains), loop (the steps), schedule (the
+learning rate), checkpointing (resume exactly), metrics (logs), output (the finished folder and
+rebuilding from it).
 """
 
 from beam_moe.train.budget import BudgetController, calibrate_router_heads, calibrate_threshold, measure_avg_k

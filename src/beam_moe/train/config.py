@@ -31,6 +31,13 @@ RESUME_FREE = (
 )
 
 
+def _option(default: Any, help: str, *, choices: tuple[str, ...] | None = None) -> Any:
+    """A field with the help (and choices) of its `beam-moe train` option, which cli/train.py
+    generates from the field, so that its default is this one. A field that is on by default
+    (or None) becomes a `--no-` option, and its help says what turning it off does."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
 @dataclass
 class TrainConfig:
     """One training run: a model folder (or Hub id), data files and an output folder, plus the recipe.
@@ -58,49 +65,88 @@ class TrainConfig:
     data: list[str]
     output: str
     val_data: list[str] | None = None
-    objective: str = "lm"
-    distill_weight: float = 1.0
-    beta: float | None = None
-    target_avg_k: float | None = None
-    controller_kp: float = CONTROLLER_DEFAULTS["kp"]
-    controller_ki: float = CONTROLLER_DEFAULTS["ki"]
-    controller_smoothing: float = CONTROLLER_DEFAULTS["smoothing"]
-    beta_init: float | None = None
-    router_term_lr_ratio: float = 0.1
-    settle: float = 0.25
-    calibrate: bool = True
-    calibration_tokens: int = 16384
-    threshold_curve: bool = True
-    curve_tokens: int = 2048
-    start_avg_k: float | None = None
-    train: str = "mask"
-    lora_rank: int = 16
-    lora_alpha: float = 32.0
-    balance_coef: float | None = None
-    dtype: str = "fp32"
-    lr: float = 1e-2
-    model_lr: float | None = None
-    weight_decay: float = 0.0
-    warmup: float = 0.03
-    min_lr_ratio: float = 0.1
-    max_grad_norm: float | None = 1.0
-    batch_size: int = 8
-    grad_accum: int = 1
-    max_length: int = 512
-    packing: bool = True
-    val_fraction: float = 0.05
-    max_steps: int | None = None
-    epochs: float = 1.0
-    seed: int = 0
-    save_every: int = 100
-    keep_checkpoints: int = 2
-    eval_every: int = 0
-    gradient_checkpointing: bool = False
+    objective: str = _option(
+        "lm",
+        "lm: the paper's next-token loss; distill: KL from the model with the masks off; "
+        "lm+distill: lm + --distill-weight x KL",
+        choices=OBJECTIVES,
+    )
+    distill_weight: float = _option(1.0, "weight of the KL in lm+distill")
+    beta: float | None = _option(None, "the paper's L1 weight on sigmoid(z) (fixed)")
+    target_avg_k: float | None = _option(
+        None, "kept experts per token to reach; beta is adjusted to get there"
+    )
+    controller_kp: float = _option(
+        CONTROLLER_DEFAULTS["kp"],
+        "budget controller, proportional gain on the relative Avg-K error, in log beta",
+    )
+    controller_ki: float = _option(CONTROLLER_DEFAULTS["ki"], "budget controller, integral gain")
+    controller_smoothing: float = _option(
+        CONTROLLER_DEFAULTS["smoothing"], "EMA factor of the training Avg-K the controller reads"
+    )
+    beta_init: float | None = _option(None, "the controller's first beta (default: K / (2 target^2))")
+    router_term_lr_ratio: float = _option(
+        0.1, "learning rate of a router-aware head's two scalars per layer, x --lr"
+    )
+    settle: float = _option(
+        0.25, "last fraction of the steps with beta frozen and the learning rates decaying"
+    )
+    calibrate: bool = _option(
+        True, "keep threshold 0.5 at the end instead of calibrating it so that Avg-K equals the target"
+    )
+    calibration_tokens: int = _option(
+        16384, "validation (else training) tokens the start and end calibrations measure"
+    )
+    threshold_curve: bool = _option(
+        True,
+        "skip measuring the threshold -> Avg-K curve at the end (the adapter then serves only "
+        "thresholds, not budgets in experts, until `beam-moe calibrate`)",
+    )
+    curve_tokens: int = _option(
+        2048,
+        "validation (else training) tokens the threshold -> Avg-K curve is measured on, once per "
+        "threshold of its 33-point grid",
+    )
+    start_avg_k: float | None = _option(
+        None, "where a router-aware head starts (default: the target; with --beta, every expert kept)"
+    )
+    train: str = _option(
+        "mask",
+        "mask: the mask heads only; mask+router: the routers too; full: every weight; "
+        "lora: LoRA adapters too",
+        choices=TRAIN_MODES,
+    )
+    lora_rank: int = _option(16, "LoRA rank (--train lora)")
+    lora_alpha: float = _option(32.0, "LoRA alpha (--train lora)")
+    balance_coef: float | None = _option(None, "balance-loss weight for mask+router (model's own)")
+    dtype: str = _option(
+        "fp32", "dtype the model loads in (the mask heads and LoRA stay fp32)", choices=DTYPES
+    )
+    lr: float = _option(1e-2, "mask heads' learning rate")
+    model_lr: float | None = _option(None, "learning rate of routers / LoRA / full weights")
+    weight_decay: float = _option(0.0, "AdamW weight decay (model weights)")
+    warmup: float = _option(0.03, "warm-up: a fraction (<1) or steps (>=1)")
+    min_lr_ratio: float = _option(0.1, "cosine decay ends at this x peak lr")
+    max_grad_norm: float | None = _option(1.0, "gradient clipping (0: off)")
+    batch_size: int = _option(8, "sequences per process per micro-batch")
+    grad_accum: int = _option(1, "micro-batches per optimizer step")
+    max_length: int = _option(512, "tokens per sequence")
+    packing: bool = _option(True, "one padded sequence per document")
+    val_fraction: float = _option(0.05, "share of sequences held out")
+    max_steps: int | None = _option(None, "optimizer steps (overrides --epochs)")
+    epochs: float = _option(1.0, "passes over the training data")
+    seed: int = _option(0, "seed of the held-out split, the data order and the new weights")
+    save_every: int = _option(100, "checkpoint every N steps (0: never)")
+    keep_checkpoints: int = _option(2, "how many of the latest checkpoints are kept")
+    eval_every: int = _option(0, "validate every N steps (0: at the end)")
+    gradient_checkpointing: bool = _option(
+        False, "recompute activations in the backward pass (less memory, more time)"
+    )
     beam: dict[str, Any] = field(default_factory=dict)
-    resume: bool = False
+    resume: bool = _option(False, "continue the run in --output from its checkpoint")
     overwrite: bool = False
-    progress: bool = True
-    tensorboard: bool | None = None
+    progress: bool = _option(True, "no progress bar")
+    tensorboard: bool | None = _option(None, "no TensorBoard logs even when installed")
 
     def __post_init__(self) -> None:
         if isinstance(self.data, (str, Path)):

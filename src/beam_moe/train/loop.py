@@ -6,8 +6,9 @@ One optimizer step:
         loss    = task_sum x processes / global_loss_tokens      (exact under accumulation and DDP)
                 + (beta x L_reg + alpha x L_balance) / grad_accum
         backward
-    all-reduce the step's statistics; stop on a non-finite loss
-    clip, AdamW step, warm-up + cosine schedule, beta controller update, log, checkpoint
+    clip; all-reduce the step's statistics (named device sums, train/metrics.py) and read them
+    and the gradient norm on the host in one copy; stop on a non-finite loss or gradient norm
+    AdamW step, warm-up + cosine schedule (train/schedule.py), beta controller update, log, checkpoint
 
 It runs unchanged under `accelerate launch` (one process, DDP, FSDP2): the model and optimizer go
 through `Accelerator.prepare`, and every process sees the same global batch order.
@@ -44,12 +45,21 @@ from beam_moe.train.budget import (
     measure_avg_k,
     target_outcome,
 )
-from beam_moe.train.checkpointing import Checkpointer, trainable_state
+from beam_moe.train.checkpointing import (
+    Checkpointer,
+    ModelState,
+    OptimizerState,
+    RNGState,
+    Stateful,
+    TrainState,
+    trainable_state,
+)
 from beam_moe.train.config import TrainConfig
 from beam_moe.train.data import IGNORE, BatchSchedule, Blocks, load_training_data
-from beam_moe.train.metrics import MetricsLog, Progress
+from beam_moe.train.metrics import DeviceSums, MetricsLog, Progress
 from beam_moe.train.objectives import Objective, Teacher
 from beam_moe.train.output import check_output, start_output, write_result
+from beam_moe.train.schedule import WarmupCosine
 from beam_moe.train.trainable import select_trainable
 
 
@@ -65,28 +75,15 @@ class TrainResult:
     main_process: bool = True
 
 
-def warmup_hold_cosine(total: int, warmup: int, decay_start: int, min_ratio: float) -> Callable[[int], float]:
-    """Linear warm-up to the peak, the peak until `decay_start`, then cosine decay to `min_ratio` x
-    peak at `total` steps. The heads keep their full learning rate while the budget controller is
-    still moving beta, and anneal once beta is frozen (the settle phase)."""
-    decay_start = max(decay_start, warmup)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        if step < decay_start:
-            return 1.0
-        progress = (step - decay_start) / max(1, total - decay_start)
-        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-
-    return factor
-
-
 def masked_kept(model: nn.Module, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
-    """Kept experts per MoE layer summed over the real (unpadded) tokens of the last forward, and that token count."""
+    """Kept experts per MoE layer summed over the real (unpadded) tokens of the last forward, and that token count.
+
+    Padding is masked away (`keep` is bool[T, K]) rather than indexed out: a boolean index needs
+    the host to learn the result's size, a synchronisation per micro-batch on an accelerator.
+    """
     real = attention_mask.reshape(-1).bool()
-    kept = torch.stack([layer.last_keep[real].sum() for layer in get_attachment(model).layers]).float()
-    return kept, real.sum().float()
+    kept = torch.stack([(layer.last_keep & real[:, None]).sum() for layer in get_attachment(model).layers])
+    return kept.float(), real.sum().float()
 
 
 def trained_dtypes(model: nn.Module) -> dict[str, str]:
@@ -201,13 +198,16 @@ class Trainer:
             peft_model=self.trainable.peft_model,
             copy=teacher_copy.to(self.accelerator.device) if teacher_copy is not None else None,
         )
+        # The heads keep their full learning rate while the budget controller still moves beta,
+        # and anneal once beta is frozen (the settle phase).
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self._torch_optimizer,
-            warmup_hold_cosine(
+            WarmupCosine(
                 self.total_steps,
                 config.warmup_steps(self.total_steps),
-                self.settle_start,
                 config.min_lr_ratio,
+                decay_start=self.settle_start,
+                warmup_reaches_peak=False,
             ),
         )
         self.checkpointer = Checkpointer(self.output, self.is_main, config.keep_checkpoints)
@@ -221,14 +221,28 @@ class Trainer:
     def _to_device(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         return {k: v.to(self.accelerator.device) for k, v in batch.items()}
 
-    def train_step(self, step: int) -> dict[str, Any]:
-        """Forward and backward over this process's micro-batches; returns the step's global statistics."""
+    def train_step(self, step: int, clip: bool = False) -> dict[str, Any]:
+        """Forward and backward over this process's micro-batches, then (with `clip`) gradient
+        clipping at `max_grad_norm`; returns the step's global statistics.
+
+        The statistics stay on the device until the end of the step, where they (and the gradient
+        norm) come to the host in one copy.
+        """
         beta = self.budget.beta
         micro_batches = self.schedule.micro_batches(step, self.rank)
         global_batch = self.data.train.select(self.schedule.global_indices(step))
         global_loss_tokens = max(1, global_batch.loss_tokens)
-        kept_total = torch.zeros(len(get_attachment(self.model).layers))
-        sums = torch.zeros(6)  # lm, kl, reg, aux, real tokens, non-finite count
+        layers = len(get_attachment(self.model).layers)
+        sums = DeviceSums(
+            self.accelerator.device,
+            lm=None,
+            kl=None,
+            reg=None,
+            aux=None,
+            tokens=None,
+            non_finite=None,
+            kept=layers,
+        )
         for i, index in enumerate(micro_batches):
             batch = self._to_device(self.data.train.batch(index))
             last = i == len(micro_batches) - 1
@@ -249,23 +263,24 @@ class Trainer:
                 loss = losses["task"] * self.world / global_loss_tokens
                 loss = loss + (beta * reg + self.balance_coef * aux.float()) / len(micro_batches)
                 self.accelerator.backward(loss)
-            kept_total += kept.cpu()
-            sums += torch.stack(
-                [
-                    losses["lm"].detach().cpu(),
-                    losses["kl"].detach().cpu(),
-                    reg.detach().cpu() / len(micro_batches),
-                    aux.detach().float().cpu() / len(micro_batches),
-                    tokens.cpu(),
-                    (~torch.isfinite(loss.detach())).float().cpu(),
-                ]
+            sums.add(
+                lm=losses["lm"],
+                kl=losses["kl"],
+                reg=reg.detach() / len(micro_batches),
+                aux=aux.detach().float() / len(micro_batches),
+                tokens=tokens,
+                non_finite=~torch.isfinite(loss.detach()),
+                kept=kept,
             )
-        reduced = self.accelerator.reduce(
-            torch.cat([sums, kept_total]).to(self.accelerator.device), "sum"
-        ).cpu()
-        lm, kl, reg, aux, tokens, bad = reduced[:6].tolist()
-        layers_kept = reduced[6:]
-        avg_k = float(layers_kept.mean() / max(tokens, 1.0))
+        after = {}
+        if clip and self.config.max_grad_norm:
+            norm = self.accelerator.clip_grad_norm_(self.run_model.parameters(), self.config.max_grad_norm)
+            # Under FSDP2 the norm is a DTensor; the host copy wants a plain tensor.
+            after["grad_norm"] = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        totals = sums.totals(lambda flat: self.accelerator.reduce(flat, "sum"), **after)
+        lm, kl, reg, aux, tokens = (totals[k] for k in ("lm", "kl", "reg", "aux", "tokens"))
+        # float32, as the sums were: the host copy is exact, so this is the device's arithmetic.
+        avg_k = float(torch.tensor(totals["kept"]).mean() / max(tokens, 1.0))
         task = {"lm": lm, "distill": kl, "lm+distill": lm + self.config.distill_weight * kl}[
             self.config.objective
         ]
@@ -280,7 +295,8 @@ class Trainer:
             "avg_k": avg_k,
             "beta": beta,
             "tokens": int(tokens),
-            "finite": bad == 0 and math.isfinite(loss),
+            "finite": totals["non_finite"] == 0 and math.isfinite(loss),
+            "grad_norm": totals.get("grad_norm", math.nan),
         }
 
     # Validation --------------------------------------------------------------------------------
@@ -296,7 +312,9 @@ class Trainer:
         batches = [list(range(i, min(i + size, len(blocks)))) for i in range(0, len(blocks), size)]
         rounds = math.ceil(len(batches) / self.world)
         layers = len(get_attachment(self.model).layers)
-        sums = torch.zeros(4 + layers)  # lm, kl, loss tokens, real tokens, kept per layer
+        sums = DeviceSums(
+            self.accelerator.device, lm=None, kl=None, loss_tokens=None, tokens=None, kept=layers
+        )
         self.run_model.eval()
         try:
             for r in range(rounds):
@@ -309,16 +327,20 @@ class Trainer:
                 ).logits
                 kept, tokens = masked_kept(self.model, batch["attention_mask"])
                 losses = Objective("distill").sums(logits, teacher, batch["labels"])
-                loss_tokens = (batch["labels"][:, 1:] != IGNORE).sum().float()
-                row = torch.cat(
-                    [torch.stack([losses["lm"], losses["kl"], loss_tokens, tokens]).cpu(), kept.cpu()]
+                loss_tokens = (batch["labels"][:, 1:] != IGNORE).sum()
+                sums.add(
+                    weight,
+                    lm=losses["lm"],
+                    kl=losses["kl"],
+                    loss_tokens=loss_tokens,
+                    tokens=tokens,
+                    kept=kept,
                 )
-                sums += weight * row
         finally:
             self.run_model.train()
-        sums = self.accelerator.reduce(sums.to(self.accelerator.device), "sum").cpu()
-        lm, kl, loss_tokens, tokens = sums[:4].tolist()
-        per_layer = (sums[4:] / max(tokens, 1.0)).tolist()
+        totals = sums.totals(lambda flat: self.accelerator.reduce(flat, "sum"))
+        lm, kl, loss_tokens, tokens = (totals[k] for k in ("lm", "kl", "loss_tokens", "tokens"))
+        per_layer = (torch.tensor(totals["kept"]) / max(tokens, 1.0)).tolist()
         names = [layer.name for layer in get_attachment(self.model).layers]
         return {
             "val_loss": lm / max(loss_tokens, 1.0),
@@ -412,27 +434,29 @@ class Trainer:
 
     # The run -----------------------------------------------------------------------------------
 
+    def _states(self, position: TrainState) -> dict[str, Stateful]:
+        """Everything a checkpoint holds, by name (train/checkpointing.py)."""
+        from accelerate.utils import gather_object
+
+        return {
+            "model": ModelState(self.run_model),
+            "optimizer": OptimizerState(self.run_model, self._torch_optimizer),
+            "train": position,
+            "scheduler": self.scheduler,
+            "budget": self.budget,
+            "rng": RNGState(self.rank, self.world, gather_object),
+        }
+
     def _resume(self, metrics: MetricsLog) -> tuple[int, int]:
         path = self.checkpointer.latest()
         assert path is not None
-        state, rng_states = self.checkpointer.load(path, self.run_model, self._torch_optimizer)
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.budget.load_state_dict(state["budget"])
-        if len(rng_states) == self.world:
-            torch.set_rng_state(rng_states[self.rank])
-        metrics.truncate_after(state["step"])
-        return int(state["step"]), int(state["tokens"])
+        position = TrainState()
+        self.checkpointer.load(path, self._states(position))
+        metrics.truncate_after(position.step)
+        return position.step, position.tokens
 
     def _save_checkpoint(self, step: int, tokens: int) -> Path:
-        from accelerate.utils import gather_object
-
-        rng_states = gather_object([torch.get_rng_state()])
-        state = {
-            "tokens": tokens,
-            "scheduler": self.scheduler.state_dict(),
-            "budget": self.budget.state_dict(),
-        }
-        return self.checkpointer.save(step, self.run_model, self._torch_optimizer, state, rng_states)
+        return self.checkpointer.save(step, self._states(TrainState(step, tokens)))
 
     def _diverged(self, step: int, what: str) -> BeamError:
         last = self.checkpointer.latest()
@@ -458,16 +482,12 @@ class Trainer:
             while step < self.total_steps:
                 threads.tick()
                 t0 = time.perf_counter()
-                stats = self.train_step(step)
+                stats = self.train_step(step, clip=True)
+                grad_norm = stats.pop("grad_norm")
                 if not stats.pop("finite"):
                     raise self._diverged(step + 1, "the loss")
-                grad_norm = float("nan")
-                if config.max_grad_norm:
-                    grad_norm = float(
-                        self.accelerator.clip_grad_norm_(self.run_model.parameters(), config.max_grad_norm)
-                    )
-                    if not math.isfinite(grad_norm):
-                        raise self._diverged(step + 1, "the gradient norm")
+                if config.max_grad_norm and not math.isfinite(grad_norm):
+                    raise self._diverged(step + 1, "the gradient norm")
                 lrs = [group["lr"] for group in self._torch_optimizer.param_groups]
                 self.optimizer.step()
                 self.scheduler.step()

@@ -1,16 +1,58 @@
-"""Where training reports go: metrics.jsonl in the output folder, TensorBoard when installed, a progress bar."""
+"""Where training reports go: metrics.jsonl in the output folder, TensorBoard when installed, a
+progress bar; and the named running sums a step's metrics are computed from."""
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import torch
+from torch import Tensor
 
 from beam_moe.atomic import atomic_write_text
 from beam_moe.errors import require
 
 METRICS_FILE = "metrics.jsonl"
+
+
+class DeviceSums:
+    """Named running sums kept on the device, read on the host in one go.
+
+    Each name is a scalar (`size` None) or a vector of `size` values (e.g. one per MoE layer).
+    `add` stays on the device; `totals` sums over processes in one collective and copies
+    everything to the host in one `.tolist()`, so a step costs one host synchronisation, not
+    one per metric.
+    """
+
+    def __init__(self, device: torch.device | str, **sizes: int | None) -> None:
+        self._sizes = sizes
+        self._sums = {name: torch.zeros(size or 1, device=device) for name, size in sizes.items()}
+
+    def add(self, scale: float = 1.0, **values: Tensor) -> None:
+        """Add `scale` x each value (detached, as float32) to the sum of its name."""
+        for name, value in values.items():
+            self._sums[name] += scale * value.detach().float().reshape(self._sums[name].shape)
+
+    def totals(self, reduce: Callable[[Tensor], Tensor] | None = None, **after: Tensor) -> dict[str, Any]:
+        """The sums on the host: floats for scalars, lists for vectors. `reduce` (e.g. a sum over
+        processes) sees all of them at once; `after` are scalars that are already global (a
+        gradient norm) and only come along in the same copy to the host."""
+        flat = torch.cat([self._sums[name] for name in self._sizes])
+        if reduce is not None:
+            flat = reduce(flat)
+        extra = [value.detach().float().reshape(1).to(flat.device) for value in after.values()]
+        values = torch.cat([flat, *extra]).tolist()
+        out: dict[str, Any] = {}
+        start = 0
+        for name, size in self._sizes.items():
+            chunk = values[start : start + (size or 1)]
+            out[name] = chunk if size is not None else chunk[0]
+            start += size or 1
+        out.update(zip(after, values[start:], strict=True))
+        return out
 
 
 def tensorboard_available() -> bool:

@@ -37,6 +37,7 @@ from beam_moe.experiments.refmoe.corpus import SPLITS, default_data_dir, read_sp
 from beam_moe.experiments.refmoe.tokenizer import END_OF_TEXT, train_tokenizer
 from beam_moe.refmoe.architecture import REFERENCE_SHAPE, parameter_counts, reference_config
 from beam_moe.statefile import load_state, save_state
+from beam_moe.train.schedule import WarmupCosine
 
 EXIT_RESUMABLE = 75
 SOURCES = ("wiki", "shakespeare", "kjv")
@@ -80,12 +81,9 @@ def shape_overrides(args: PretrainArgs) -> dict[str, Any]:
 
 
 def learning_rate(step: int, args: PretrainArgs) -> float:
-    """Linear warm-up to `lr`, then cosine decay to `lr * min_lr_ratio` at the last step."""
-    if step < args.warmup:
-        return args.lr * (step + 1) / args.warmup
-    progress = (step - args.warmup) / max(1, args.steps - args.warmup)
-    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * cosine)
+    """Linear warm-up to `lr`, then cosine decay to `lr * min_lr_ratio` at the last step (the
+    schedule mask training uses too, train/schedule.py)."""
+    return WarmupCosine(args.steps, args.warmup, args.min_lr_ratio)(step, args.lr)
 
 
 # --------------------------------------------------------------------------------------- data
