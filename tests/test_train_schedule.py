@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from beam_moe.refmoe.pretrain import PretrainArgs, learning_rate
+from beam_moe.experiments.refmoe.pretrain import PretrainArgs, learning_rate
 from beam_moe.train.config import TrainConfig
 from beam_moe.train.schedule import WarmupCosine
 
