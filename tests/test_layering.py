@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import multiprocessing
 import pathlib
+import re
 import traceback
 
 import pytest
@@ -207,3 +208,14 @@ def test_every_module_imports_alone():
     finally:
         sys.modules.update(loaded)
     assert failures == {}
+
+
+def test_the_architecture_page_lists_every_layer_as_declared_here():
+    """docs/architecture.md's layer table names each module and package once, at its layer here."""
+    page = (SRC.parent / "docs" / "architecture.md").read_text()
+    documented = {
+        name: int(rank)
+        for rank, cells in re.findall(r"^\| (\d+) \| ([^|]+) \|", page, re.M)
+        for name in re.findall(r"`(\w+)(?:\.py|/)`", cells)
+    }
+    assert documented == RANK
