@@ -24,6 +24,7 @@ __version__ = "0.1.0"
 _PUBLIC = {
     "attach": (
         "attach",
+        "beam_stats",
         "detach",
         "get_attachment",
         "is_attached",
@@ -40,7 +41,7 @@ _PUBLIC = {
     "mask": ("MaskHead",),
     "merged": ("from_pretrained",),
     "routing": ("MaskedRouting", "RoutingPolicy", "apply_keep", "apply_mask", "to_sentinel"),
-    "stats": ("BeamStats", "beam_stats"),
+    "stats": ("BeamStats",),
 }
 _HOME = {name: module for module, names in _PUBLIC.items() for name in names}
 
@@ -102,6 +103,7 @@ sys.modules[__name__].__class__ = _Package
 if TYPE_CHECKING:
     from beam_moe.attach import (
         attach,
+        beam_stats,
         detach,
         get_attachment,
         is_attached,
@@ -118,4 +120,4 @@ if TYPE_CHECKING:
     from beam_moe.mask import MaskHead
     from beam_moe.merged import from_pretrained
     from beam_moe.routing import MaskedRouting, RoutingPolicy, apply_keep, apply_mask, to_sentinel
-    from beam_moe.stats import BeamStats, beam_stats
+    from beam_moe.stats import BeamStats

@@ -18,10 +18,9 @@ from torch import nn
 from tqdm import tqdm
 
 from beam_moe import threads
-from beam_moe.attach import is_attached
+from beam_moe.attach import beam_stats, is_attached
 from beam_moe.errors import BeamError
 from beam_moe.eval.text import TextSource, read_texts
-from beam_moe.stats import beam_stats
 
 
 @dataclass
