@@ -92,6 +92,24 @@ def test_eval_adapter_model_folder_and_baseline(folders, capsys):
     assert json.loads((folders / "eval.json").read_text())["routing"]["method"] == "beam"
 
 
+def test_eval_names_the_expert_backend_that_ran(folders, capsys):
+    """The JSON has the per-layer record, the table one line that says which backend computed."""
+    text = str(folders / "text.jsonl")
+    beam = run_json(capsys, "eval", str(folders / "adapter"), "--ppl", text, "--json")
+    backends = beam["perplexity"]["backends"]
+    assert list(backends) == list(beam["perplexity"]["per_layer"])
+    assert all(list(calls) == ["grouped"] for calls in backends.values()), "auto on the CPU is grouped"
+    assert main(["eval", str(folders / "adapter"), "--ppl", text]) == 0
+    assert "experts     run by grouped in every layer" in capsys.readouterr().out
+
+
+def test_experts_ran_gives_each_backends_share():
+    from beam_moe.cli.eval import experts_ran
+
+    mixed = {"a": {"triton": 3}, "b": {"grouped": 1}}
+    assert experts_ran(mixed) == "run by triton 75%, grouped 25% of the layer calls"
+
+
 def test_eval_with_lm_eval_tasks(folders, capsys, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     out = run_json(

@@ -93,3 +93,24 @@ def test_zero_kept_counts_the_tokens_that_keep_no_routed_expert():
     assert stats.zero_kept == {"model.layers.0.mlp": 4 / 12, "model.layers.1.mlp": 4 / 12}
     assert stats.avg_k == pytest.approx(8 / 12)
     assert stats.to_dict()["zero_kept"] == stats.zero_kept
+
+
+def test_stats_is_a_leaf_module():
+    """Importing the counters loads no other beam_moe module (attach, layer and the vLLM runner all
+    import it; it must import none of them)."""
+    import subprocess
+    import sys
+
+    code = "import sys, beam_moe.stats\nprint(sorted(m for m in sys.modules if m.startswith('beam_moe')))"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert loaded.stdout.strip() == "['beam_moe', 'beam_moe.stats']"
+
+
+def test_beam_stats_lives_beside_attach():
+    import importlib
+
+    import beam_moe
+    from beam_moe.stats import BeamStats
+
+    assert beam_moe.beam_stats is importlib.import_module("beam_moe.attach").beam_stats
+    assert beam_moe.BeamStats is BeamStats

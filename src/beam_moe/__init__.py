@@ -24,6 +24,7 @@ from beam_moe.version import __version__
 _PUBLIC = {
     "attach": (
         "attach",
+        "beam_stats",
         "detach",
         "disable_masks",
         "get_attachment",
@@ -41,7 +42,7 @@ _PUBLIC = {
     "mask": ("MaskHead",),
     "merged": ("from_pretrained",),
     "routing": ("MaskedRouting", "RoutingPolicy", "apply_keep", "apply_mask", "to_sentinel"),
-    "stats": ("BeamStats", "beam_stats"),
+    "stats": ("BeamStats",),
 }
 _HOME = {name: module for module, names in _PUBLIC.items() for name in names}
 
@@ -105,6 +106,7 @@ if TYPE_CHECKING:
     from beam_moe.adapter import load_beam, read_adapter_config, read_threshold_curve, save_beam
     from beam_moe.attach import (
         attach,
+        beam_stats,
         detach,
         disable_masks,
         get_attachment,
@@ -121,4 +123,4 @@ if TYPE_CHECKING:
     from beam_moe.mask import MaskHead
     from beam_moe.merged import from_pretrained
     from beam_moe.routing import MaskedRouting, RoutingPolicy, apply_keep, apply_mask, to_sentinel
-    from beam_moe.stats import BeamStats, beam_stats
+    from beam_moe.stats import BeamStats

@@ -1,4 +1,5 @@
-"""`attach` and `detach`: add BEAM mask heads to a transformers MoE model in place, and take them off."""
+"""`attach` and `detach`: add BEAM mask heads to a transformers MoE model in place, and take them off;
+`beam_stats`: count what they do."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from beam_moe.identity import base_identity
 from beam_moe.layer import BeamMoELayer
 from beam_moe.mask import MaskHead, l1_regularizer
 from beam_moe.routing import RoutingPolicy, keep_all
-from beam_moe.stats import BeamStats
+from beam_moe.stats import BeamStats, StatsSink
 from beam_moe.threshold_curve import ThresholdCurve
 
 _ATTR = "_beam_attachment"
@@ -34,7 +35,7 @@ class BeamAttachment:
     config: BeamConfig
     family: MoEFamily
     layers: list[BeamMoELayer]
-    sinks: list[BeamStats] = field(default_factory=list)
+    sinks: list[StatsSink] = field(default_factory=list)
     base: dict[str, Any] = field(default_factory=dict)
     threshold_curve: ThresholdCurve | None = None
 
@@ -49,7 +50,7 @@ def attach(model: nn.Module, config: BeamConfig | None = None) -> nn.Module:
         raise BeamError("this model already has BEAM mask heads; call beam_moe.detach(model) first")
     family = family_for(model)
     blocks = select_blocks(model, family, config.layers)
-    sinks: list[BeamStats] = []
+    sinks: list[StatsSink] = []
     layers = [BeamMoELayer(i, name, block, family, config, sinks) for i, (name, block) in enumerate(blocks)]
     attachment = BeamAttachment(
         config=config, family=family, layers=layers, sinks=sinks, base=base_identity(model, family)
@@ -161,6 +162,24 @@ def mask_regularizer(model: nn.Module, token_mask: Tensor | None = None) -> Tens
             return soft[0].new_zeros(())
         soft = [s[real.to(s.device)] for s in soft]
     return torch.stack([l1_regularizer(s) for s in soft]).mean()
+
+
+@contextmanager
+def beam_stats(model: nn.Module, record: bool = False) -> Iterator[BeamStats]:
+    """Count BEAM's routing during the block: `with beam_stats(model) as s: model(**batch)`.
+
+    With `record=True`, every layer's ids, keep mask and mask probabilities are kept on the CPU
+    (`s.records[layer]`), for analysis plots.
+    """
+    attachment = get_attachment(model)
+    stats = BeamStats(
+        [layer.name for layer in attachment.layers], [layer.top_k for layer in attachment.layers], record
+    )
+    attachment.sinks.append(stats)
+    try:
+        yield stats
+    finally:
+        attachment.sinks.remove(stats)
 
 
 def last_avg_k(model: nn.Module) -> float:

@@ -10,7 +10,7 @@ so the gradient reaches masked slots.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from torch import Tensor, nn
 
@@ -20,9 +20,7 @@ from beam_moe.experts import ExpertWeights, get_backend
 from beam_moe.families import MoEFamily
 from beam_moe.mask import MaskHead
 from beam_moe.routing import RoutingPolicy, apply_keep, apply_slot_mask, to_sentinel
-
-if TYPE_CHECKING:
-    from beam_moe.stats import BeamStats
+from beam_moe.stats import StatsSink
 
 
 class BeamMoELayer:
@@ -35,7 +33,7 @@ class BeamMoELayer:
         block: nn.Module,
         family: MoEFamily,
         config: BeamConfig,
-        sinks: list[BeamStats],
+        sinks: list[StatsSink],
     ) -> None:
         self.index = index
         self.name = name
@@ -90,7 +88,7 @@ class BeamMoELayer:
         self.last_soft = routing.soft if self.block.training else None
         self.last_keep = routing.keep.detach()
         for sink in self.sinks:
-            sink._add_routing(self.index, routing.keep, ids, routing.soft, weights)
+            sink.add_routing(self.index, routing.keep, ids, routing.soft, weights)
         if not self.block.training:
             ids = to_sentinel(ids, routing.keep, self.num_experts)
         masked = list(output)
@@ -115,5 +113,5 @@ class BeamMoELayer:
         backend = get_backend(self.config.backend, hidden_states.device)
         result = backend(ExpertWeights.of(self.experts), hidden_states, top_k_index, top_k_weights)
         for sink in self.sinks:
-            sink._add_rows(self.index, result.rows, result.backend)
+            sink.add_rows(self.index, result.rows, result.backend)
         return result.output

@@ -1,14 +1,17 @@
 """Counting what BEAM does: kept pairs, Avg-K, rows that really entered an expert GEMM, and which
-expert backend computed them."""
+expert backend computed them.
+
+A leaf module (it imports nothing else from beam_moe), so that both the transformers layer and the
+vLLM runner can feed counters through the public `StatsSink` methods without importing each other.
+`beam_stats(model)`, which needs the model's attachment, lives beside `attach` (beam_moe.attach).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
-from torch import Tensor, nn
+from torch import Tensor
 
 
 @dataclass
@@ -19,6 +22,16 @@ class RoutingRecord:
     keep: Tensor  # [T, K] bool
     soft: Tensor  # [T, K] sigmoid(z_k)
     weights: Tensor  # [T, K] router weights before the mask
+
+
+class StatsSink(Protocol):
+    """What a BEAM layer feeds after each forward pass (`BeamStats` is one; the layer holds a list)."""
+
+    def add_routing(self, layer: int, keep: Tensor, ids: Tensor, soft: Tensor, weights: Tensor) -> None:
+        """One layer's routing: keep mask [T, K], router ids, mask probabilities, router weights."""
+
+    def add_rows(self, layer: int, rows: Tensor | int, backend: str) -> None:
+        """The (token, expert) rows one layer's experts computed, and the backend that computed them."""
 
 
 class BeamStats:
@@ -50,7 +63,7 @@ class BeamStats:
         self._backends: list[dict[str, int]] = [{} for _ in range(n)]
         self.records: list[list[RoutingRecord]] = [[] for _ in range(n)]
 
-    def _add_routing(self, layer: int, keep: Tensor, ids: Tensor, soft: Tensor, weights: Tensor) -> None:
+    def add_routing(self, layer: int, keep: Tensor, ids: Tensor, soft: Tensor, weights: Tensor) -> None:
         self._tokens[layer] += keep.shape[0]
         self._kept[layer] = self._kept[layer] + keep.sum()
         self._zero[layer] = self._zero[layer] + (~keep.any(dim=-1)).sum()
@@ -64,7 +77,7 @@ class BeamStats:
                 )
             )
 
-    def _add_rows(self, layer: int, rows: Tensor | int, backend: str) -> None:
+    def add_rows(self, layer: int, rows: Tensor | int, backend: str) -> None:
         self._rows[layer] = self._rows[layer] + rows
         calls = self._backends[layer]
         calls[backend] = calls.get(backend, 0) + 1
@@ -136,23 +149,3 @@ class BeamStats:
             "zero_kept": self.zero_kept,
             "backends": self.backends,
         }
-
-
-@contextmanager
-def beam_stats(model: nn.Module, record: bool = False) -> Iterator[BeamStats]:
-    """Count BEAM's routing during the block: `with beam_stats(model) as s: model(**batch)`.
-
-    With `record=True`, every layer's ids, keep mask and mask probabilities are kept on the CPU
-    (`s.records[layer]`), for analysis plots.
-    """
-    from beam_moe.attach import get_attachment
-
-    attachment = get_attachment(model)
-    stats = BeamStats(
-        [layer.name for layer in attachment.layers], [layer.top_k for layer in attachment.layers], record
-    )
-    attachment.sinks.append(stats)
-    try:
-        yield stats
-    finally:
-        attachment.sinks.remove(stats)

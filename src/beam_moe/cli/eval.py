@@ -154,6 +154,22 @@ def warn_long_windows(max_length: int, model_config: Any) -> None:
         )
 
 
+def experts_ran(backends: dict[str, dict[str, int]]) -> str:
+    """Which expert backends computed the layers: one name when every layer ran one backend
+    (`grouped`), else each backend's share of the layer calls (`triton 75%, grouped 25%`)."""
+    calls: dict[str, int] = {}
+    for layer in backends.values():
+        for name, count in layer.items():
+            calls[name] = calls.get(name, 0) + count
+    if len(calls) == 1:
+        return f"run by {next(iter(calls))} in every layer"
+    total = sum(calls.values())
+    shares = sorted(calls.items(), key=lambda item: -item[1])
+    return (
+        "run by " + ", ".join(f"{name} {count / total:.0%}" for name, count in shares) + " of the layer calls"
+    )
+
+
 def table(document: dict[str, Any]) -> str:
     routing = document["routing"]
     method = routing["method"]
@@ -182,6 +198,8 @@ def table(document: dict[str, Any]) -> str:
         lines.append("per layer   " + " ".join(f"{k:.2f}" for k in p["per_layer"].values()))
         if p.get("zero_kept") and method != "base":
             lines.append("no expert   " + " ".join(f"{z:.1%}" for z in p["zero_kept"].values()))
+        if p.get("backends") and method != "base":
+            lines.append(f"experts     {experts_ran(p['backends'])}")
     if method == "base":
         lines.append(f"MoE FLOPs   {flops['base']['total'] / 1e6:.3f} MFLOPs/token (the base model's)")
     else:

@@ -14,11 +14,11 @@ import torch
 from torch import Tensor, nn
 
 from beam_moe import threads
-from beam_moe.attach import get_attachment
+from beam_moe.attach import beam_stats, get_attachment
 from beam_moe.eval.baselines import rank_order
 from beam_moe.eval.perplexity import equal_length_batches, token_windows
 from beam_moe.eval.text import TextSource, read_texts
-from beam_moe.stats import RoutingRecord, beam_stats
+from beam_moe.stats import RoutingRecord
 
 
 @dataclass

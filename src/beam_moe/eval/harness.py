@@ -16,9 +16,8 @@ from typing import Any
 
 from torch import nn
 
-from beam_moe.attach import is_attached
+from beam_moe.attach import beam_stats, is_attached
 from beam_moe.errors import BeamError, require
-from beam_moe.stats import beam_stats
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 SHIPPED_TASKS = ("beam_wiki_ppl", "beam_wiki_cloze")

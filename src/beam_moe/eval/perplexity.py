@@ -18,10 +18,9 @@ from torch import nn
 from tqdm import tqdm
 
 from beam_moe import threads
-from beam_moe.attach import is_attached
+from beam_moe.attach import beam_stats, is_attached
 from beam_moe.errors import BeamError
 from beam_moe.eval.text import TextSource, read_texts
-from beam_moe.stats import beam_stats
 
 
 @dataclass
@@ -35,6 +34,8 @@ class PerplexityResult:
                     when the model has no BEAM attachment).
     per_layer:      Avg-K of each masked MoE layer, by qualified name.
     zero_kept:      per masked MoE layer, the fraction of tokens that kept no routed expert.
+    backends:       per masked MoE layer, the expert backends that really ran and how many calls
+                    each (a backend that handed calls to its fallback is not the one named).
     """
 
     ppl: float
@@ -50,6 +51,7 @@ class PerplexityResult:
     computed_rows: int | None = None
     per_layer: dict[str, float] = field(default_factory=dict)
     zero_kept: dict[str, float] = field(default_factory=dict)
+    backends: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -138,6 +140,7 @@ def perplexity(
         result.computed_rows = stats.computed_rows
         result.per_layer = stats.per_layer
         result.zero_kept = stats.zero_kept
+        result.backends = stats.backends
     return result
 
 

@@ -14,10 +14,12 @@ spent on them.
 3. `down_kernel`: y = (h @ down) * routed weight, written to the pair's slot.
 4. The K slots of each token are summed in float32 (masked slots hold zeros).
 
-Weights that do not declare a plain SwiGLU gate (`ExpertWeights.gated_silu`: gpt-oss and other
-gates), experts with biases, and calls that need a backward pass run the `grouped` backend instead;
-the result then names `grouped` as the backend that ran. `TRITON_INTERPRET=1` runs the kernels on
-the CPU (slowly) for tests; the kernels are built on first use so that the variable is read then.
+`triton_supports` refuses weights that do not declare a plain SwiGLU gate (`ExpertWeights.gated_silu`:
+gpt-oss and other gates), experts with biases, calls that need a backward pass and tensors on a
+device the kernels cannot run on; the chooser (`beam_moe.experts`) hands those calls to the `grouped`
+backend, and the result then names `grouped` as the backend that ran. `TRITON_INTERPRET=1` runs the
+kernels on the CPU (slowly) for tests; the kernels are built on first use so that the variable is
+read then.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import torch
 from torch import Tensor
 
 from beam_moe.errors import require
-from beam_moe.experts.grouped import grouped_experts
+from beam_moe.experts.backend import SUPPORTED, Support
 from beam_moe.experts.weights import ExpertsOutput, ExpertWeights
 
 
@@ -46,7 +48,36 @@ def _triton_installed() -> bool:
 
 def triton_available() -> bool:
     """Triton is installed and has a GPU to run on (or runs in its CPU interpreter)."""
-    return _triton_installed() and (torch.cuda.is_available() or interpreting())
+    return triton_runs_on(None)[0]
+
+
+def triton_runs_on(device: torch.device | None = None) -> Support:
+    """Whether the kernels can run on `device` (None: on some device of this machine), and why not."""
+    if not _triton_installed():
+        return False, "triton is not installed (pip install 'beam-moe[kernels]')"
+    if device is None:
+        if torch.cuda.is_available() or interpreting():
+            return SUPPORTED
+        return False, "no CUDA device, and TRITON_INTERPRET=1 (triton's CPU interpreter) is not set"
+    if device.type == "cuda":
+        return SUPPORTED if torch.cuda.is_available() else (False, "CUDA is not available")
+    if device.type == "cpu":
+        if interpreting():
+            return SUPPORTED
+        return False, "the kernels need a CUDA device; on the CPU only with TRITON_INTERPRET=1 (tests)"
+    return False, f"the kernels do not run on {device.type} devices"
+
+
+def triton_supports(w: ExpertWeights, device: torch.device, needs_grad: bool) -> Support:
+    """What the fused kernel computes: plain SwiGLU experts without biases, inference only."""
+    if needs_grad:
+        return False, "the fused kernel has no backward pass (training)"
+    if not is_swiglu(w):
+        return False, (
+            "the experts are not plain SwiGLU without biases (ExpertWeights.gated_silu), "
+            "which is all the fused kernel computes"
+        )
+    return SUPPORTED
 
 
 @dataclass
@@ -136,11 +167,9 @@ def _intermediate_buffer(*shape: int, dtype: torch.dtype, device: torch.device) 
 
 
 def triton_experts(w: ExpertWeights, hidden: Tensor, ids: Tensor, weights: Tensor) -> ExpertsOutput:
-    """Same contract as `reference_experts`: ids >= E are skipped; returns (output, rows computed,
-    backend): "triton", or "grouped" when the call was handed to the grouped backend."""
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (hidden, weights, w.up, w.down))
-    if needs_grad or not is_swiglu(w):
-        return grouped_experts(w, hidden, ids, weights)
+    """Same contract as `reference_experts` (ids >= E are skipped; returns the output, rows computed
+    and "triton"), for the calls `triton_runs_on` and `triton_supports` accept; call it through
+    `beam_moe.experts.get_backend("triton")`, which sends the others to `grouped`."""
     num_tokens, top_k = ids.shape
     num_pairs = ids.numel()
     if num_pairs == 0:

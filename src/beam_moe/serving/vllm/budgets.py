@@ -31,13 +31,13 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from vllm.forward_context import get_forward_context, is_forward_context_available
 from vllm.logger import init_logger
 from vllm.model_executor.models.config import VerifyAndUpdateConfig
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 from vllm.v1.worker.gpu.sample.logits_processor.interface import LogitsProcessor as LogitsProcessorV2
 
 from beam_moe.errors import BeamError
+from beam_moe.serving.vllm import compat
 from beam_moe.serving.vllm.stats import DEFAULT_LABEL
 from beam_moe.threshold_curve import (
     AVG_K_FIELD,
@@ -130,16 +130,13 @@ class RequestBudgets:
         return self._step_labels
 
     def _for_this_step(self, num_tokens: int, device: torch.device) -> None:
-        if not self.enabled or not is_forward_context_available():
-            self._step_thresholds = self._step_labels = None
-            return
-        metadata = get_forward_context().attn_metadata
+        metadata = compat.attention_metadata() if self.enabled else None
         if metadata is None:
             self._step_thresholds = self._step_labels = None
             return
         if metadata is self._step:
             return
-        starts = _query_start_loc(metadata)
+        starts = compat.query_start_loc(metadata)
         with self._lock:
             self._step = metadata
             self._step_thresholds = self._step_labels = None
@@ -172,18 +169,6 @@ def _fill(values: Tensor, length: int, pad: float | int) -> Tensor:
     if values.numel() >= length:
         return values[:length]
     return torch.cat([values, torch.full((length - values.numel(),), pad, dtype=values.dtype)])
-
-
-def _query_start_loc(metadata: Any) -> Tensor | None:
-    """The step's per-request token offsets, from any layer's attention metadata (every backend has them)."""
-    groups = metadata if isinstance(metadata, list) else [metadata]
-    for group in groups:
-        values = group.values() if isinstance(group, dict) else [group]
-        for value in values:
-            starts = getattr(value, "query_start_loc", None)
-            if isinstance(starts, Tensor):
-                return starts
-    return None
 
 
 REQUEST_BUDGETS = RequestBudgets()
@@ -276,10 +261,8 @@ class BeamServingConfig(VerifyAndUpdateConfig):
 
 def register_budgets(architectures: list[str]) -> None:
     """Hook `BeamServingConfig` into vLLM's config building for the BEAM architectures."""
-    from vllm.model_executor.models.config import MODELS_CONFIG_MAP
-
     for architecture in architectures:
-        MODELS_CONFIG_MAP.setdefault(architecture, BeamServingConfig)
+        compat.register_config_hook(architecture, BeamServingConfig)
 
 
 __all__ = [

@@ -13,6 +13,8 @@ mask decides `keep [T, K]` (beam_moe.routing.apply_slot_mask) and only kept pair
 - `BackendOnCheckpointWeights` ("grouped", "reference", "triton"): a beam-moe expert backend
   (`beam_moe.experts.get_backend`) on vLLM's w13/w2 views; vLLM's kernel-specific repacking of
   those weights is skipped for the masked layers, so they stay in checkpoint layout.
+
+Every private attribute of vLLM's objects that this takes or sets is reached through `compat`.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ import torch
 from torch import Tensor, nn
 from vllm.config import CUDAGraphMode, VllmConfig
 from vllm.distributed import get_tensor_model_parallel_rank
-from vllm.forward_context import get_forward_context, is_forward_context_available
 from vllm.logger import init_logger
 from vllm.model_executor.layers.fused_moe.activation import MoEActivation
 from vllm.model_executor.layers.fused_moe.runner.moe_runner import MoERunner
@@ -36,6 +37,7 @@ from beam_moe.experts import ExpertsOutput, ExpertWeights, available_backends, g
 from beam_moe.mask import MaskHead
 from beam_moe.merged import effective_beam_config, read_merged_config
 from beam_moe.routing import MaskedRouting, apply_slot_mask, to_sentinel
+from beam_moe.serving.vllm import compat
 from beam_moe.serving.vllm.budgets import BUDGET_PROCESSOR, REQUEST_BUDGETS
 from beam_moe.serving.vllm.stats import SERVING_STATS
 
@@ -50,9 +52,9 @@ class KernelOnKeptPairs:
 
     def __call__(self, runner: MoERunner, hidden: Tensor, routing: MaskedRouting) -> ExpertsOutput:
         experts = runner.routed_experts
-        if experts.quant_method.is_monolithic:
+        if compat.is_monolithic(experts):
             raise BeamError(
-                f"{runner.layer_name}: vLLM picked a monolithic MoE kernel ({type(experts.quant_method).__name__}), "
+                f"{runner.layer_name}: vLLM picked a monolithic MoE kernel ({type(compat.quant_method(experts)).__name__}), "
                 "which routes inside the kernel; serve with beam.backend set to 'triton' or 'grouped'"
             )
         keep = routing.keep
@@ -74,7 +76,7 @@ class KernelOnKeptPairs:
         """One call of vLLM's kernel; the rows are counted from what the kernel is handed (every
         (row, id) pair of `x` and `ids` is computed), not from the mask, so that a masked pair passed
         in by mistake shows up in `computed_rows`."""
-        out = experts.forward_modular(x=x, topk_weights=weights, topk_ids=ids)
+        out = compat.run_modular_kernel(experts, x, weights, ids)
         return ExpertsOutput(out, torch.tensor(x.shape[0] * ids.shape[1]), self.name)
 
 
@@ -86,15 +88,8 @@ class BackendOnCheckpointWeights:
         self.backend = get_backend(name, device)
 
     def __call__(self, runner: MoERunner, hidden: Tensor, routing: MaskedRouting) -> ExpertsOutput:
-        experts = runner.routed_experts
-        has_bias = experts.moe_config.has_bias
         # _check_supported admits unquantized SiLU experts only; w13 holds [gate | up] rows.
-        weights = ExpertWeights.swiglu(
-            experts.w13_weight,
-            experts.w2_weight,
-            experts.w13_bias if has_bias else None,
-            experts.w2_bias if has_bias else None,
-        )
+        weights = ExpertWeights.swiglu(*compat.checkpoint_expert_weights(runner.routed_experts))
         ids = to_sentinel(routing.ids.long(), routing.keep, weights.num_experts)
         return self.backend(weights, hidden, ids, routing.weights)
 
@@ -127,12 +122,12 @@ class BeamMoERunner(MoERunner):
         shared_experts_overlapping: bool = False,
     ) -> tuple[Tensor | None, Tensor]:
         shared = None
-        if self._shared_experts is not None and not shared_experts_overlapping:
-            shared = self._shared_experts._layer(shared_experts_input)
+        if compat.shared_experts(self) is not None and not shared_experts_overlapping:
+            shared = compat.run_shared_experts(self, shared_experts_input)
         weights, ids = self.router.select_experts(
             hidden_states=hidden_states,
             router_logits=router_logits,
-            topk_indices_dtype=self._quant_method.topk_indices_dtype,
+            topk_indices_dtype=compat.topk_indices_dtype(self),
             input_ids=input_ids,
         )
         per_token = REQUEST_BUDGETS.token_thresholds(ids.shape[0], ids.device)
@@ -149,14 +144,13 @@ class BeamMoERunner(MoERunner):
             labels = REQUEST_BUDGETS.token_labels(ids.shape[0], ids.device)
             SERVING_STATS.add(self.beam_index, routing, rows, backend, labels)
         if shared_experts_overlapping:
-            self._shared_experts.wait()
-            shared = self._shared_experts.output
+            shared = compat.overlapped_shared_output(self)
         return shared, fused
 
 
 def _is_real_step() -> bool:
     """vLLM's profiling and warm-up passes run without attention metadata; they are not counted."""
-    return is_forward_context_available() and get_forward_context().attn_metadata is not None
+    return compat.attention_metadata() is not None
 
 
 def beam_config_for(vllm_config: VllmConfig) -> tuple[BeamConfig, dict[str, Any]]:
@@ -199,20 +193,16 @@ def install_beam(model: nn.Module, vllm_config: VllmConfig) -> dict[int, BeamMoE
             )
         _check_supported(name, module, executor)
         num_experts = module.moe_config.num_logical_experts
-        module.__class__ = BeamMoERunner
+        compat.reclass(module, BeamMoERunner)
         head = MaskHead(hidden_size, num_experts, bias=config.bias, router_aware=config.head == "router")
         module.add_module("beam_mask", head)
         module.beam_config = config
         module.beam_executor = executor
         block_name = name.rsplit(".", 1)[0]
         module.beam_index = SERVING_STATS.add_layer(block_name, module.moe_config.experts_per_token)
-        module._forward_entry = (
-            torch.ops.vllm.moe_forward
-            if module._shared_experts is None
-            else torch.ops.vllm.moe_forward_shared
-        )
+        compat.use_moe_forward_op(module)
         if isinstance(executor, BackendOnCheckpointWeights):
-            module.routed_experts.quant_method.__class__ = _CheckpointLayoutMoEMethod
+            compat.reclass(compat.quant_method(module.routed_experts), _CheckpointLayoutMoEMethod)
         runners[int(match.group(1))] = module
     logger.info(
         "BEAM: mask heads on %d MoE layers, threshold %s, experts run by %s; per-request budgets %s",
@@ -225,17 +215,16 @@ def install_beam(model: nn.Module, vllm_config: VllmConfig) -> dict[int, BeamMoE
 
 
 def _check_supported(name: str, runner: MoERunner, executor: Any) -> None:
-    parallel = runner.moe_config.moe_parallel_config
-    if parallel.use_ep or runner.router.eplb_state is not None:
+    if compat.uses_expert_parallelism(runner):
         raise BeamError(
             f"{name}: expert parallelism / EPLB is not supported by the BEAM plugin; use tensor parallelism"
         )
-    if runner._fse_fuse_gate or runner.routed_input_transform is not None:
+    if compat.fuses_shared_gate_or_latent(runner):
         raise BeamError(
             f"{name}: fused shared-expert gates and latent MoE are not supported by the BEAM plugin"
         )
     if isinstance(executor, BackendOnCheckpointWeights):
-        if type(runner.routed_experts.quant_method) is not UnquantizedFusedMoEMethod:
+        if type(compat.quant_method(runner.routed_experts)) is not UnquantizedFusedMoEMethod:
             raise BeamError(
                 f"{name}: the beam-moe expert backends run unquantized experts only; "
                 "use beam.backend 'auto' (vLLM's kernel on the kept pairs) for quantized checkpoints"
@@ -250,17 +239,15 @@ def load_mask_heads(
     model: nn.Module, runners: dict[int, BeamMoERunner], tensors: dict[str, Tensor]
 ) -> set[str]:
     """Copy checkpoint tensors `...layers.<i>....beam_mask.<weight|bias>` into the heads; returns parameter names."""
-    from vllm.model_executor.models.utils import PPMissingLayer
-
     from beam_moe.merged import mask_layer_index
 
     names = {module: name for name, module in model.named_modules()}
-    layers = model.model.layers
+    layers = compat.decoder_layers(model)
     loaded: set[str] = set()
     for key, tensor in tensors.items():
         index = mask_layer_index(key)
         if index not in runners:
-            if index < len(layers) and isinstance(layers[index], PPMissingLayer):
+            if index < len(layers) and compat.is_pipeline_placeholder(layers[index]):
                 continue
             raise BeamError(
                 f"the checkpoint has a mask head for layer {index} ({key}), which has no BEAM MoE layer"

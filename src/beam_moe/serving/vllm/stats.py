@@ -80,8 +80,8 @@ class ServingStats:
         """Count one real forward pass of a BEAM layer: its routing, the rows its experts computed,
         the backend that computed them, and (`labels`: each token's budget) the pairs kept per budget."""
         with self._lock:
-            self.stats._add_routing(layer, routing.keep, routing.ids, routing.soft, routing.weights)
-            self.stats._add_rows(layer, rows, backend)
+            self.stats.add_routing(layer, routing.keep, routing.ids, routing.soft, routing.weights)
+            self.stats.add_rows(layer, rows, backend)
             self._add_budgets(routing.keep, labels)
         if layer == len(self.layer_names) - 1:
             self._maybe_log()
