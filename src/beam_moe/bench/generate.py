@@ -23,12 +23,11 @@ import torch
 from torch import nn
 
 from beam_moe.adapter import load_beam
-from beam_moe.attach import detach, get_attachment
+from beam_moe.attach import beam_stats, detach, get_attachment
 from beam_moe.bench.machine import describe_machine
 from beam_moe.bench.timing import synchronize
 from beam_moe.errors import BeamError
 from beam_moe.loading import load_beam_model
-from beam_moe.stats import beam_stats
 
 
 class TokenClock:

@@ -18,13 +18,12 @@ from torch import nn
 
 from beam_moe.adapter import CONFIG_FILE, save_beam
 from beam_moe.atomic import atomic_directory
-from beam_moe.attach import attach, get_attachment
+from beam_moe.attach import attach, beam_stats, get_attachment
 from beam_moe.config import BeamConfig
 from beam_moe.errors import BeamError
 from beam_moe.families import family_for
 from beam_moe.outputs import check_output_folder
 from beam_moe.presets import MoEPreset, get_preset
-from beam_moe.stats import beam_stats
 from beam_moe.tiny_models import BYTE_VOCAB_SIZE, byte_tokenizer, tiny_config
 
 INIT_STD = 0.02
