@@ -26,6 +26,17 @@ def family(request) -> str:
     return request.param
 
 
-def token_batch(seed: int = 0, batch: int = 2, length: int = 12, vocab: int = 128) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randint(3, vocab, (batch, length), generator=generator)
+def _cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Markers by place and need: everything under integration/ is `slow`; `gpu` tests run only on a
+    CUDA device and `cpu_only` ones only without one, so no test asks `torch.cuda` itself."""
+    for item in items:
+        if "integration" in item.path.parts:
+            item.add_marker(pytest.mark.slow)
+        if item.get_closest_marker("gpu") and not _cuda():
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
+        if item.get_closest_marker("cpu_only") and _cuda():
+            item.add_marker(pytest.mark.skip(reason="about the CPU; a CUDA device is present"))
