@@ -36,41 +36,26 @@ ROOT = Path(__file__).resolve().parent
 
 
 def measure_curve(merged: Path, prompts: list[list[int]], logit_range: float) -> dict:
-    """The threshold -> Avg-K curve of `merged` on `prompts`, stored in its config.json; returns it.
+    """The threshold -> Avg-K curve of `merged` on `prompts`, stored in the checkpoint; returns it.
 
-    The grid is beam-moe's (logit(threshold) in steps of 0.5) cut to |logit| <= `logit_range`:
-    each point costs full forward passes at real layer sizes, and this checkpoint keeps all 8
-    experts below logit -4 and none above 4.
+    beam-moe's own measurement (`curve_on_batches`, what `beam-moe calibrate` runs) on beam-moe's
+    grid (logit(threshold) in steps of 0.5) cut to |logit| <= `logit_range`: each point costs full
+    forward passes at real layer sizes, and this checkpoint keeps all 8 experts below logit -4 and
+    none above 4.
     """
-    from beam_moe import beam_stats, from_pretrained, get_attachment
-    from beam_moe.threshold_curve import DEFAULT_LOGITS, ThresholdCurve
+    from beam_moe import from_pretrained
+    from beam_moe.eval.curve import curve_on_batches
+    from beam_moe.merged import write_merged_threshold_curve
+    from beam_moe.threshold_curve import DEFAULT_LOGITS
 
     model = from_pretrained(merged, dtype="bfloat16")
-    layers = get_attachment(model).layers
     thresholds = [1.0 / (1.0 + math.exp(-x)) for x in DEFAULT_LOGITS if abs(x) <= logit_range]
-    avg_k, per_layer = [], {layer.name: [] for layer in layers}
     tokens = torch.tensor(prompts)
-    for threshold in thresholds:
-        for layer in layers:
-            layer.threshold = threshold
-        with torch.no_grad(), beam_stats(model) as stats:
-            for batch in tokens.split(8):
-                model(batch)
-        avg_k.append(stats.avg_k)
-        print(f"threshold {threshold:.4f}: Avg-K {stats.avg_k:.3f}", flush=True)
-        for name, value in stats.per_layer.items():
-            per_layer[name].append(value)
-    curve = ThresholdCurve(
-        thresholds,
-        avg_k,
-        top_k=layers[0].top_k,
-        layers=per_layer,
-        measured_on={"text": f"{len(prompts)} random byte prompts", "tokens": tokens.numel()},
-    )
-    config_path = merged / "config.json"
-    config = json.loads(config_path.read_text())
-    config["beam_export"]["threshold_curve"] = curve.to_dict()
-    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    batches = [{"input_ids": b, "attention_mask": torch.ones_like(b)} for b in tokens.split(8)]
+    measured_on = {"text": f"{len(prompts)} random byte prompts", "tokens": tokens.numel()}
+    with torch.no_grad():
+        curve = curve_on_batches(model, batches, thresholds, measured_on=measured_on, progress=True)
+    write_merged_threshold_curve(merged, curve)
     del model
     gc.collect()
     return curve.to_dict()

@@ -157,11 +157,12 @@ class ThresholdCurve:
             raise BeamError(f"{source}: {e}") from e
 
 
-def requested_threshold(args: Mapping[str, Any] | None, curve: ThresholdCurve | None) -> float | None:
-    """The threshold a request asks for through `beam_threshold` or `beam_avg_k`; None when it asks neither.
+def requested_budget(args: Mapping[str, Any] | None) -> tuple[str, float] | None:
+    """(field, value) of the budget a request asks for, checked as far as no curve is needed; None
+    when it asks neither. vLLM API servers that do not hold the curve check this much.
 
     Raises BeamError naming the field for a value that is not a number, a threshold outside (0, 1),
-    a budget outside the calibrated range, a budget on a checkpoint with no curve, or both fields.
+    or both fields.
     """
     if not args:
         return None
@@ -174,12 +175,25 @@ def requested_threshold(args: Mapping[str, Any] | None, curve: ThresholdCurve | 
     value = _number(args[name])
     if value is None:
         raise BeamError(f"{name} must be a number, got {args[name]!r:.60}")
+    if name == THRESHOLD_FIELD and not 0.0 < value < 1.0:
+        raise BeamError(
+            f"{THRESHOLD_FIELD} must lie strictly between 0 and 1 (keep a slot when sigmoid(z) >= it), "
+            f"got {value}"
+        )
+    return name, value
+
+
+def requested_threshold(args: Mapping[str, Any] | None, curve: ThresholdCurve | None) -> float | None:
+    """The threshold a request asks for through `beam_threshold` or `beam_avg_k`; None when it asks neither.
+
+    Raises BeamError naming the field for what `requested_budget` refuses, a budget outside the
+    calibrated range, or a budget on a checkpoint with no curve.
+    """
+    asked = requested_budget(args)
+    if asked is None:
+        return None
+    name, value = asked
     if name == THRESHOLD_FIELD:
-        if not 0.0 < value < 1.0:
-            raise BeamError(
-                f"{THRESHOLD_FIELD} must lie strictly between 0 and 1 (keep a slot when sigmoid(z) >= it), "
-                f"got {value}"
-            )
         return value
     if curve is None:
         raise BeamError(

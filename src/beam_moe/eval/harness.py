@@ -50,9 +50,10 @@ def run_tasks(
     for path in paths[1:]:
         if not Path(path).exists():
             raise BeamError(f"task folder {path} does not exist")
-    manager = TaskManager(include_path=paths, include_defaults=False, verbosity="ERROR")
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)  # lm-eval's `verbosity` arguments are deprecated
+    manager = TaskManager(include_path=paths, include_defaults=False)
     if any(t not in manager.all_tasks for t in tasks):  # lm-eval's own tasks: indexing them takes seconds
-        manager = TaskManager(include_path=paths, verbosity="ERROR")
+        manager = TaskManager(include_path=paths)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         raise BeamError(
@@ -61,7 +62,6 @@ def run_tasks(
         )
     device = next(model.parameters()).device
     kwargs: dict[str, Any] = {"max_length": max_length} if max_length else {}
-    logging.getLogger("lm_eval").setLevel(logging.ERROR)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device), **kwargs)
     counting = beam_stats(model) if is_attached(model) else nullcontext()
     with counting as stats:
@@ -73,7 +73,6 @@ def run_tasks(
             num_fewshot=num_fewshot,
             log_samples=False,
             bootstrap_iters=0,
-            verbosity="ERROR",
         )
     if output is None:
         raise BeamError("lm-eval returned no results")

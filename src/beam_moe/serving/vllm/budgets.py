@@ -44,6 +44,7 @@ from beam_moe.threshold_curve import (
     REQUEST_FIELDS,
     THRESHOLD_FIELD,
     ThresholdCurve,
+    requested_budget,
     requested_threshold,
 )
 
@@ -184,14 +185,10 @@ def _validate(sampling_params: Any) -> None:
     if not any(args.get(name) is not None for name in REQUEST_FIELDS):
         return
     try:
-        if not _ADMISSION["known"] and args.get(AVG_K_FIELD) is not None:
-            value = args[AVG_K_FIELD]
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise BeamError(f"{AVG_K_FIELD} must be a number, got {value!r:.60}")
-            if args.get(THRESHOLD_FIELD) is not None:
-                raise BeamError(f"ask for {AVG_K_FIELD} or {THRESHOLD_FIELD}, not both")
-            return
-        requested_threshold(args, _ADMISSION["curve"])
+        if _ADMISSION["known"]:
+            requested_threshold(args, _ADMISSION["curve"])
+        else:
+            requested_budget(args)  # the engine's worker checks the range against its curve
     except BeamError as e:
         from vllm.exceptions import VLLMValidationError
 

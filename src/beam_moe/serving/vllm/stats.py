@@ -62,7 +62,7 @@ class ServingStats:
 
     def _reset(self) -> None:
         self.stats = BeamStats(self.layer_names, self.top_k)
-        self.budgets: dict[str, list[float]] = {}  # label -> [token-layers, kept pairs]
+        self.budgets: dict[str, list[Any]] = {}  # label -> [token-layers, kept pairs (float or tensor)]
         self._tokens_at_last_log = self._kept_at_last_log = 0
 
     def reset(self) -> None:
@@ -87,9 +87,12 @@ class ServingStats:
             self._maybe_log()
 
     def _add_budgets(self, keep: Tensor, labels: tuple[Tensor, list[str]] | None) -> None:
-        """Kept pairs and token-layers per budget label ('default': the checkpoint's threshold)."""
+        """Kept pairs and token-layers per budget label ('default': the checkpoint's threshold).
+
+        A step without budgets adds a device tensor (no host sync per layer); `summary` reads it.
+        """
         if labels is None:
-            names, tokens, kept = [DEFAULT_LABEL], [keep.shape[0]], [int(keep.sum())]
+            names, tokens, kept = [DEFAULT_LABEL], [keep.shape[0]], [keep.sum(dtype=torch.float64)]
         else:
             ids, names = labels
             tokens = torch.bincount(ids, minlength=len(names)).tolist()
@@ -104,7 +107,7 @@ class ServingStats:
         with self._lock:
             summary = self.stats.to_dict()
             budgets = {
-                name: {"avg_k": k / n, "tokens": n // max(len(self.layer_names), 1)}
+                name: {"avg_k": float(k) / n, "tokens": n // max(len(self.layer_names), 1)}
                 for name, (n, k) in self.budgets.items()
             }
         summary["layers"] = len(self.layer_names)
