@@ -171,7 +171,8 @@ def main() -> None:
     args = parser.parse_args()
 
     budgets = [float(x) for x in args.budgets.split(",")]
-    _, merged = serving_vllm.build_checkpoints(args.work, args.layers, args.avg_k, args.seed)
+    folders, _ = serving_vllm.build_checkpoints(args.work, args.layers, [args.avg_k], [1], args.seed)
+    merged = folders[f"beam-k{args.avg_k}"]
     generator = torch.Generator().manual_seed(99)
     length = args.input_len + args.output_len
     calibration = torch.randint(5, 261, (args.calibration_sequences, length), generator=generator).tolist()
