@@ -125,9 +125,8 @@ def build_checkpoints(
     with torch.no_grad(), beam_stats(model, record=True) as stats:
         model(texts)
     read["base"] = read["keep-all"] = _experts_read(stats.records, batches, keep=False)
-    if not (folders["keep-all"] / "config.json").is_file():
-        save_beam(model, work / f"adapter-keep-all-{layers}l")
-        export_merged(work / f"adapter-keep-all-{layers}l", folders["keep-all"])
+    adapters = {"keep-all": work / f"adapter-keep-all-{layers}l"}
+    save_beam(model, adapters["keep-all"])
     heads = get_attachment(model).layers
     with torch.no_grad():
         for layer in heads:  # a bias per layer sets the budget
@@ -145,12 +144,14 @@ def build_checkpoints(
             name = f"beam-k{avg_k}"
             read[name] = _experts_read(check.records, batches, keep=True)
             print(f"{name}: Avg-K {check.avg_k:.3f} of {preset.top_k} on held-out random text", flush=True)
-            if not (folders[name] / "config.json").is_file():
-                save_beam(model, work / f"adapter-{layers}l-k{avg_k}")
-                export_merged(work / f"adapter-{layers}l-k{avg_k}", folders[name])
+            adapters[name] = work / f"adapter-{layers}l-k{avg_k}"
+            save_beam(model, adapters[name])
     detach(model)
     del model
     gc.collect()
+    for name, adapter in adapters.items():  # each export loads the base again: one model at a time
+        if not (folders[name] / "config.json").is_file():
+            export_merged(adapter, folders[name])
     read_file.write_text(json.dumps(read, indent=2) + "\n")
     return folders, read
 
