@@ -257,6 +257,8 @@ def cli_options(args: argparse.Namespace) -> list[str]:
     options = []
     for key, value in vars(args).items():
         flag = f"--{key.replace('_', '-')}"
+        if key == "resume":
+            continue
         if isinstance(value, bool):
             options += [flag] if value else []
         elif isinstance(value, list):
@@ -356,6 +358,11 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/beam-moe-bench-serving"))
     parser.add_argument("--output", type=Path, default=ROOT / "results" / "serving_vllm.json")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the engine rounds an interrupted run with the same settings wrote to --output",
+    )
     args = parser.parse_args()
     if args.output_len < 2:
         parser.error("--output-len must be at least 2 (TPOT is the time after the first token)")
@@ -388,15 +395,29 @@ def main() -> None:
             "input_len": args.input_len,
             "output_len": args.output_len,
             "batches": args.batches,
-            "rounds": args.rounds,
             "repeats": args.repeats,
             "enforce_eager": not args.compile,
             "target_avg_k": args.avg_k,
         },
     }
+    if args.resume and args.output.is_file():
+        earlier = json.loads(args.output.read_text())
+        if earlier.get("settings", {}).get("batches") != args.batches or any(
+            earlier["settings"].get(k) != v for k, v in document["settings"].items() if k != "batches"
+        ):
+            parser.error(f"{args.output} holds a run with other settings; --resume needs the same ones")
+        for variant in variants:
+            samples[variant] = earlier.get("samples", {}).get(variant, [])[: args.rounds]
+            startup[variant] = earlier.get("startup_s", {}).get(variant, [])[: args.rounds]
+        bandwidth = [b * 1e9 for b in earlier.get("copy_bandwidth_gb_s", [])] + bandwidth
+        print(
+            f"resuming: {sum(map(len, samples.values()))} engine rounds kept from {args.output}", flush=True
+        )
     args.output.parent.mkdir(parents=True, exist_ok=True)
     for round_ in range(args.rounds):
         for variant in variants:
+            if len(samples[variant]) > round_:
+                continue
             begin = time.perf_counter()
             llm = start_engine(folders[variant.replace("beam-grouped", "beam")], variant, args)
             startup[variant].append(time.perf_counter() - begin)
@@ -407,7 +428,13 @@ def main() -> None:
                 del llm
                 gc.collect()
             print(f"round {round_ + 1}/{args.rounds} {variant}: done", flush=True)
-            partial = {**document, "partial": True, "samples": samples}
+            partial = {
+                **document,
+                "partial": True,
+                "copy_bandwidth_gb_s": [b / 1e9 for b in bandwidth],
+                "samples": samples,
+                "startup_s": startup,
+            }
             args.output.write_text(json.dumps(partial, indent=2) + "\n")
     bandwidth.append(copy_bandwidth())
     results = {v: {**summarise(samples[v], args), "startup_s": startup[v]} for v in variants}
@@ -417,8 +444,10 @@ def main() -> None:
         {
             "copy_bandwidth_gb_s": [b / 1e9 for b in bandwidth],
             "floor_bandwidth_gb_s": best / 1e9,
+            "rounds": args.rounds,
             "summary": summary,
             "results": results,
+            "samples": samples,
         }
     )
     args.output.write_text(json.dumps(document, indent=2) + "\n")
