@@ -402,9 +402,8 @@ def main() -> None:
     }
     if args.resume and args.output.is_file():
         earlier = json.loads(args.output.read_text())
-        if earlier.get("settings", {}).get("batches") != args.batches or any(
-            earlier["settings"].get(k) != v for k, v in document["settings"].items() if k != "batches"
-        ):
+        same = ("input_len", "output_len", "batches", "repeats", "enforce_eager")  # variants go by name
+        if any(earlier.get("settings", {}).get(k) != document["settings"][k] for k in same):
             parser.error(f"{args.output} holds a run with other settings; --resume needs the same ones")
         for variant in variants:
             samples[variant] = earlier.get("samples", {}).get(variant, [])[: args.rounds]
