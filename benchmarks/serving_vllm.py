@@ -20,7 +20,8 @@ medians over rounds x `--repeats`. Every prompt is new (no prefix-cache hits).
 The floor of a decode step is the weight bytes it must read over the copy bandwidth measured in the
 same run: per layer attention, router, mask head and every expert that at least one of the B tokens
 keeps. That count is measured in transformers on the same checkpoint (random 128-token texts, groups
-of B tokens drawn from them). Reported per variant and B: TPOT / floor, and for BEAM the ideal
+of B tokens drawn from them), then scaled by the Avg-K the engine itself served over the one seen
+there. Reported per variant and B: TPOT / floor, and for BEAM the ideal
 speed-up (base floor / BEAM floor) next to the measured one (base TPOT / BEAM TPOT). Run it alone:
 
     .venv/bin/python benchmarks/serving_vllm.py --layers 8 --avg-k 1.23,2.0 --batches 1,8,32
@@ -296,7 +297,13 @@ def ratios(results: dict, read: dict, bandwidth: float, args: argparse.Namespace
     """Floors per variant and batch size, and each BEAM variant against the base."""
     floors = {}
     for variant in results:
-        counted = read[variant.replace("beam-grouped", "beam")]
+        counted = dict(read[variant.replace("beam-grouped", "beam")])
+        served = results[variant].get("beam_counters_last_round", {}).get("avg_k")
+        if served is not None and variant != "keep-all":
+            # The engine's own Avg-K replaces the estimate from transformers' random text; the
+            # distinct experts of B tokens scale with it (linearly: a lower, stricter floor).
+            scale = served / counted["1"]
+            counted = {b: n * scale for b, n in counted.items()}
         floors[variant] = {
             str(b): 1e3 * decode_bytes(args.layers, counted[str(b)], variant != "base") / bandwidth
             for b in args.batches
