@@ -10,9 +10,40 @@ learning rate), checkpointing (resume exactly), metrics (logs), output (the fini
 rebuilding from it).
 """
 
-from beam_moe.train.budget import BudgetController, calibrate_router_heads, calibrate_threshold, measure_avg_k
-from beam_moe.train.config import TrainConfig
-from beam_moe.train.loop import Trainer, TrainResult, train
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# Loaded on first use, as the root package does: reading a run's folder (`train.output`,
+# `train.checkpointing`) must not import the training loop.
+_HOME = {
+    "BudgetController": "budget",
+    "calibrate_router_heads": "budget",
+    "calibrate_threshold": "budget",
+    "measure_avg_k": "budget",
+    "TrainConfig": "config",
+    "Trainer": "loop",
+    "TrainResult": "loop",
+    "train": "loop",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOME:
+        raise AttributeError(f"module 'beam_moe.train' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"beam_moe.train.{_HOME[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+if TYPE_CHECKING:
+    from beam_moe.train.budget import (
+        BudgetController,
+        calibrate_router_heads,
+        calibrate_threshold,
+        measure_avg_k,
+    )
+    from beam_moe.train.config import TrainConfig
+    from beam_moe.train.loop import Trainer, TrainResult, train
 
 __all__ = [
     "BudgetController",

@@ -30,13 +30,6 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
 
 from beam_moe.atomic import atomic_directory
 from beam_moe.errors import BeamError
@@ -47,9 +40,23 @@ MODEL_FILE = "trainable.safetensors"
 OPTIMIZER_STATE = "optimizer"  # optimizer.safetensors + optimizer.json
 STATE_FILE = "state.json"
 _STEP = re.compile(r"^step-(\d+)$")
-_GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
-_SCATTER = StateDictOptions(full_state_dict=True, strict=False)
-_NAMES = StateDictOptions(ignore_frozen_params=True)
+
+
+def _dcp():
+    """torch's distributed state-dict API, imported when state is gathered or scattered (it costs
+    over a second, which reading a run's folder should not pay)."""
+    from torch.distributed.checkpoint import state_dict
+
+    return state_dict
+
+
+def _options(**kwargs: bool):
+    return _dcp().StateDictOptions(**kwargs)
+
+
+_GATHER = {"full_state_dict": True, "cpu_offload": True, "ignore_frozen_params": True}
+_SCATTER = {"full_state_dict": True, "strict": False}
+_NAMES = {"ignore_frozen_params": True}
 
 
 def checkpoint_dirs(output: str | Path) -> list[Path]:
@@ -79,7 +86,10 @@ def checkpoint_step(path: str | Path) -> int | None:
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Full (gathered) tensors of the trainable parameters, on the CPU. Collective under DDP/FSDP."""
-    return {k: v.detach().contiguous() for k, v in get_model_state_dict(model, options=_GATHER).items()}
+    return {
+        k: v.detach().contiguous()
+        for k, v in _dcp().get_model_state_dict(model, options=_options(**_GATHER)).items()
+    }
 
 
 class Stateful(Protocol):
@@ -100,13 +110,13 @@ class ModelState:
         return trainable_state(self.model)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        expected = set(get_model_state_dict(self.model, options=_NAMES))
+        expected = set(_dcp().get_model_state_dict(self.model, options=_options(**_NAMES)))
         if set(state) != expected:
             raise BeamError(
                 "holds other trainable parameters than this run (was it written with another "
                 f"--train mode?): {sorted(set(state) ^ expected)[:3]}"
             )
-        set_model_state_dict(self.model, state, options=_SCATTER)
+        _dcp().set_model_state_dict(self.model, state, options=_options(**_SCATTER))
 
 
 class OptimizerState:
@@ -116,10 +126,10 @@ class OptimizerState:
         self.model, self.optimizer = model, optimizer
 
     def state_dict(self) -> dict[str, Any]:
-        return get_optimizer_state_dict(self.model, self.optimizer, options=_GATHER)
+        return _dcp().get_optimizer_state_dict(self.model, self.optimizer, options=_options(**_GATHER))
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        set_optimizer_state_dict(self.model, self.optimizer, state, options=_SCATTER)
+        _dcp().set_optimizer_state_dict(self.model, self.optimizer, state, options=_options(**_SCATTER))
 
 
 @dataclass
