@@ -109,13 +109,21 @@ class MaskHead(nn.Linear):
         token's ids name are read, instead of all E (an fp32 head is 1 MiB for 128 x 2048).
         """
         x = hidden_states.reshape(-1, self.in_features).to(self.weight.dtype)
-        ids = ids.long()
         if ids.numel() >= self.out_features:
-            z = self.forward(x).gather(1, ids)
+            z = self.forward(x).gather(1, ids.long())
         else:
-            z = torch.bmm(self.weight[ids], x.unsqueeze(-1)).squeeze(-1)
-            if self.bias is not None:
-                z = z + self.bias[ids]
+            # index_select (int32 or int64 ids) is several times cheaper than advanced indexing
+            flat = ids.reshape(-1)
+            if flat.dtype not in (torch.int32, torch.int64):
+                flat = flat.long()
+            rows = self.weight.index_select(0, flat)
+            bias = None if self.bias is None else self.bias.index_select(0, flat)
+            if x.shape[0] == 1:  # one token (decode at batch 1): a single matrix-vector product
+                z = (torch.mv(rows, x[0]) if bias is None else torch.addmv(bias, rows, x[0])).view(ids.shape)
+            else:
+                z = torch.bmm(rows.view(*ids.shape, self.in_features), x.unsqueeze(-1)).squeeze(-1)
+                if bias is not None:
+                    z = z + bias.view(ids.shape)
         if self.router_aware:
             if weights is None:
                 raise BeamError("a router-aware mask head needs the router's Top-K weights")
@@ -130,6 +138,8 @@ def straight_through_mask(soft: Tensor, threshold: float | Tensor) -> tuple[Tens
     (`soft - soft.detach()` is exactly zero), and d hard / d soft = 1 in the backward pass.
     """
     keep = soft >= threshold
+    if not soft.requires_grad:  # inference: the same values without the gradient's two extra ops
+        return keep, keep.to(soft.dtype)
     hard = keep.to(soft.dtype) + (soft - soft.detach())
     return keep, hard
 

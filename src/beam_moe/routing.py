@@ -25,12 +25,15 @@ class MaskedRouting:
     ids:     [T, K] the router's expert ids, unchanged.
     keep:    [T, K] bool, the canonical mask.
     soft:    [T, K] float32 sigmoid(z_k), the regulariser's input.
+    all_kept: whether every slot is kept, when the caller asked for it to be checked on the host
+             (`apply_slot_mask(..., check_all_kept=True)`); None when it was not checked.
     """
 
     weights: Tensor
     ids: Tensor
     keep: Tensor
     soft: Tensor
+    all_kept: bool | None = None
 
 
 def apply_mask(
@@ -59,15 +62,27 @@ def apply_slot_mask(
     threshold: float | Tensor,
     *,
     renormalize: bool = False,
+    check_all_kept: bool = False,
 ) -> MaskedRouting:
     """`apply_mask` with the mask logits already taken at the Top-K ids: z_k [T, K]
     (`MaskHead.slot_logits`, which reads only the rows it needs at decode).
 
     `threshold` is one number, or one per token (float32 [T]: per-request budgets).
+
+    `check_all_kept` (inference on a host where a sync is cheap, e.g. serving on a CPU) checks
+    whether every slot is kept and records it in `all_kept`; when so, the router's weights are
+    returned as they are (g * 1 is g, and renormalising rescales by total / total = 1), one op
+    fewer per layer, and callers may take the path of the unmasked model.
     """
     soft = torch.sigmoid(slot_logits.float())
     if isinstance(threshold, Tensor):
         threshold = threshold.to(device=soft.device, dtype=soft.dtype).reshape(-1, 1)
+    if check_all_kept and not soft.requires_grad:
+        keep = soft >= threshold
+        if bool(keep.all()):
+            return MaskedRouting(weights=weights, ids=ids, keep=keep, soft=soft, all_kept=True)
+        gated = _gate(weights, keep.to(soft.dtype), renormalize)
+        return MaskedRouting(weights=gated, ids=ids, keep=keep, soft=soft, all_kept=False)
     keep, hard = straight_through_mask(soft, threshold)
     return MaskedRouting(weights=_gate(weights, hard, renormalize), ids=ids, keep=keep, soft=soft)
 

@@ -64,9 +64,7 @@ class BeamStats:
         self.records: list[list[RoutingRecord]] = [[] for _ in range(n)]
 
     def add_routing(self, layer: int, keep: Tensor, ids: Tensor, soft: Tensor, weights: Tensor) -> None:
-        self._tokens[layer] += keep.shape[0]
-        self._kept[layer] = self._kept[layer] + keep.sum()
-        self._zero[layer] = self._zero[layer] + (~keep.any(dim=-1)).sum()
+        self.add_counts(layer, keep.shape[0], keep.sum(), (~keep.any(dim=-1)).sum())
         if self.record:
             self.records[layer].append(
                 RoutingRecord(
@@ -76,6 +74,13 @@ class BeamStats:
                     weights=weights.detach().float().cpu(),
                 )
             )
+
+    def add_counts(self, layer: int, tokens: int, kept: Tensor | int, zero_kept: Tensor | int) -> None:
+        """One layer's routing as counts, for a caller that already knows them (e.g. every pair was
+        kept): tokens, kept pairs and tokens that kept none, as host ints or device tensors."""
+        self._tokens[layer] += tokens
+        self._kept[layer] = self._kept[layer] + kept
+        self._zero[layer] = self._zero[layer] + zero_kept
 
     def add_rows(self, layer: int, rows: Tensor | int, backend: str) -> None:
         self._rows[layer] = self._rows[layer] + rows
@@ -89,6 +94,11 @@ class BeamStats:
     @property
     def tokens(self) -> int:
         return self._tokens[0] if self._tokens else 0
+
+    @property
+    def token_layers(self) -> int:
+        """Tokens summed over the MoE layers (the denominator of a whole-model Avg-K)."""
+        return sum(self._tokens)
 
     @property
     def kept_pairs(self) -> int:

@@ -57,6 +57,7 @@ def vllm_results(checkpoints, tmp_path_factory):
 
     cases = [
         case("trained", checkpoints["trained"]),
+        case("trained-alone", checkpoints["trained"], alone=True),
         case(
             "override",
             checkpoints["trained"],
@@ -151,6 +152,15 @@ def test_avg_k_matches_beam_stats(checkpoints, vllm_results):
     served = outcome(vllm_results, "trained")
     model = from_pretrained(checkpoints["trained"])
     assert_same_stats(served["stats"], transformers_stats(model, PROMPTS, served["tokens"]))
+
+
+def test_requests_served_one_at_a_time_match_transformers(checkpoints, vllm_results):
+    """One request alone decodes one token a step: the kernel gets the token's kept ids as its top-K'."""
+    served = outcome(vllm_results, "trained-alone")
+    assert_experts_ran_on(served, "vllm")
+    model = from_pretrained(checkpoints["trained"])
+    expected = assert_same_generation(served, model)
+    assert_same_stats(served["stats"], transformers_stats(model, PROMPTS, expected))
 
 
 def test_keep_all_checkpoint_serves_like_the_base(vllm_results):

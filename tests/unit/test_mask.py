@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 
 from beam_moe import MaskHead, apply_mask
@@ -71,14 +72,20 @@ def test_l1_regularizer_is_mean_of_sigmoid_over_topk_slots():
     torch.testing.assert_close(z.grad, s * (1 - s) / 4)
 
 
-def test_slot_logits_equal_the_full_logits_at_the_ids():
-    """Few tokens read only the rows of W_m they need; many tokens use the full product."""
-    head = MaskHead(16, 8, bias=True, init="normal", init_std=0.5)
-    with torch.no_grad():
-        head.bias.normal_()
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("id_dtype", [torch.int64, torch.int32])
+def test_slot_logits_equal_the_full_logits_at_the_ids(bias, id_dtype):
+    """Few tokens read only the rows of W_m they need (one token: one matrix-vector product); many
+    tokens use the full product. vLLM's routers give int32 ids, transformers' int64."""
+    head = MaskHead(16, 8, bias=bias, init="normal", init_std=0.5)
+    if bias:
+        with torch.no_grad():
+            head.bias.normal_()
     generator = torch.Generator().manual_seed(0)
-    for tokens in (1, 3, 12):  # 3 and 6 pairs read rows, 24 uses the full product
+    for tokens in (1, 3, 12):  # 2 and 6 pairs read rows (1 token by one mv), 24 uses the full product
         x = torch.randn(tokens, 16, generator=generator, dtype=torch.bfloat16)
         ids = torch.stack([torch.randperm(8, generator=generator)[:2] for _ in range(tokens)])
         expected = head(x).gather(1, ids)
-        torch.testing.assert_close(head.slot_logits(x, ids), expected, rtol=1e-6, atol=1e-6)
+        z = head.slot_logits(x, ids.to(id_dtype))
+        assert z.dtype == torch.float32 and z.shape == ids.shape
+        torch.testing.assert_close(z, expected, rtol=1e-6, atol=1e-6)

@@ -5,6 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from beam_moe import apply_mask, to_sentinel
+from beam_moe.routing import apply_slot_mask
 
 
 @st.composite
@@ -66,3 +67,38 @@ def test_sentinel_marks_exactly_the_masked_slots(case):
     assert backend_ids.dtype == ids.dtype
     assert torch.equal(backend_ids == num_experts, ~routing.keep)
     assert torch.equal(backend_ids[routing.keep], ids[routing.keep])
+
+
+@settings(max_examples=200, deadline=None)
+@given(routings(), st.booleans(), st.booleans())
+def test_checking_all_kept_on_the_host_changes_no_value(case, renormalize, keep_everything):
+    """The serving path's host check gives exactly the routing of the plain path, records whether
+    every slot is kept, and then hands back the router's own weights (g * 1 is g)."""
+    weights, ids, logits, threshold, _ = case
+    if keep_everything:
+        logits = logits.abs() + 10.0
+    slot_logits = logits.gather(1, ids)
+    plain = apply_slot_mask(weights, ids, slot_logits, threshold, renormalize=renormalize)
+    checked = apply_slot_mask(
+        weights, ids, slot_logits, threshold, renormalize=renormalize, check_all_kept=True
+    )
+    assert plain.all_kept is None
+    assert checked.all_kept == bool(plain.keep.all())
+    assert torch.equal(checked.keep, plain.keep)
+    assert torch.equal(checked.soft, plain.soft)
+    assert checked.weights.dtype == plain.weights.dtype
+    assert torch.equal(checked.weights, plain.weights)
+    if checked.all_kept:
+        assert checked.weights is weights
+
+
+def test_checking_all_kept_is_skipped_when_training():
+    """With a gradient to the mask head the straight-through path runs (no host sync, no shortcut)."""
+    weights = torch.rand(3, 2)
+    slot_logits = torch.full((3, 2), 5.0, requires_grad=True)
+    routing = apply_slot_mask(
+        weights, torch.zeros(3, 2, dtype=torch.long), slot_logits, 0.5, check_all_kept=True
+    )
+    assert routing.all_kept is None
+    routing.weights.sum().backward()
+    assert slot_logits.grad is not None and bool((slot_logits.grad != 0).all())

@@ -137,7 +137,7 @@ def grouped_experts(
     """
     pairs = sort_kept_pairs(ids, w.num_experts)
     if pairs.num_rows == 0:
-        return ExpertsOutput(torch.zeros_like(hidden), torch.tensor(0), "grouped")
+        return ExpertsOutput(torch.zeros_like(hidden), 0, "grouped")
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (hidden, weights, w.up, w.down))
     if strategy is None:
         on_cpu = hidden.device.type == "cpu" and not needs_grad
@@ -147,7 +147,7 @@ def grouped_experts(
     else:
         y = _grouped_gemm(w, hidden[pairs.tokens].to(w.up.dtype), pairs)
     row_weights = weights.reshape(-1)[pairs.order]
-    return ExpertsOutput(combine_rows(y, row_weights, pairs, hidden), torch.tensor(pairs.num_rows), "grouped")
+    return ExpertsOutput(combine_rows(y, row_weights, pairs, hidden), pairs.num_rows, "grouped")
 
 
 def _grouped_gemm(w: ExpertWeights, x: Tensor, pairs: KeptPairs) -> Tensor:

@@ -26,4 +26,4 @@ def reference_experts(w: ExpertWeights, hidden: Tensor, ids: Tensor, weights: Te
             y = y + w.down_bias[expert]
         slots = slots.index_put((token, slot), (y * weights[token, slot, None]).float())
         rows += token.numel()
-    return ExpertsOutput(slots.sum(dim=1).to(hidden.dtype), torch.tensor(rows), "reference")
+    return ExpertsOutput(slots.sum(dim=1).to(hidden.dtype), rows, "reference")

@@ -173,7 +173,7 @@ def triton_experts(w: ExpertWeights, hidden: Tensor, ids: Tensor, weights: Tenso
     num_tokens, top_k = ids.shape
     num_pairs = ids.numel()
     if num_pairs == 0:
-        return ExpertsOutput(torch.zeros_like(hidden), torch.tensor(0), "triton")
+        return ExpertsOutput(torch.zeros_like(hidden), 0, "triton")
     hidden_size, intermediate_size = w.hidden_size, w.down.shape[-2]
     config = block_config(num_pairs, w.up.dtype)
     aligned = align_kept_pairs(ids, w.num_experts, config.block_m)

@@ -109,11 +109,12 @@ class ExpertsOutput(NamedTuple):
     """What an expert backend returns.
 
     output:  [T, H] in the hidden states' dtype.
-    rows:    (token, expert) rows that entered an expert GEMM (masked pairs never do).
+    rows:    (token, expert) rows that entered an expert GEMM (masked pairs never do), a host int
+             where the backend knows it without a device op, else a device tensor.
     backend: the backend that really computed them; one that hands a call on (e.g. `triton` to
              `grouped` for gates it cannot fuse) names the one that ran, so stats can show it.
     """
 
     output: Tensor
-    rows: Tensor
+    rows: Tensor | int
     backend: str

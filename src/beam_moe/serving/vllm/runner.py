@@ -7,9 +7,10 @@ vLLM's weight loading, shared experts, sequence parallelism and all-reduce stay 
 gives each a replicated mask head, and changes one step: between the router and the experts the
 mask decides `keep [T, K]` (beam_moe.routing.apply_slot_mask) and only kept pairs are executed by
 
-- `KernelOnKeptPairs` ("auto" on CPU): vLLM's own fused-MoE kernel called on one row per kept
-  pair (top-1) and summed back per token. vLLM's CPU kernel has no way to skip an id (out-of-range
-  ids write out of bounds), so masked pairs are removed before the call, never passed in;
+- `KernelOnKeptPairs` ("auto" on CPU): vLLM's own fused-MoE kernel on the kept pairs only (one
+  token: its kept ids as its top-K'; more: one top-1 row per kept pair, summed back per token).
+  vLLM's CPU kernel has no way to skip an id (out-of-range ids write out of bounds), so masked
+  pairs are removed before the call, never passed in;
 - `BackendOnCheckpointWeights` ("grouped", "reference", "triton"): a beam-moe expert backend
   (`beam_moe.experts.get_backend`) on vLLM's w13/w2 views; vLLM's kernel-specific repacking of
   those weights is skipped for the masked layers, so they stay in checkpoint layout.
@@ -46,7 +47,12 @@ _LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
 class KernelOnKeptPairs:
-    """vLLM's own modular fused-MoE kernel on the kept pairs only (one top-1 row per kept pair)."""
+    """vLLM's own modular fused-MoE kernel on the kept pairs only.
+
+    Every pair kept: one call on the router's Top-K, as vLLM itself makes it. One token (decode at
+    batch 1): one call on that token with its K' kept ids as its top-K', so the kernel also sums
+    them. Otherwise one top-1 row per kept pair, summed back per token.
+    """
 
     name = "vllm"
 
@@ -58,16 +64,24 @@ class KernelOnKeptPairs:
                 "which routes inside the kernel; serve with beam.backend set to 'triton' or 'grouped'"
             )
         keep = routing.keep
-        if bool(keep.all()):
+        if routing.all_kept or (routing.all_kept is None and bool(keep.all())):
             return self._kernel(experts, hidden, routing.weights, routing.ids)
-        token, slot = keep.nonzero(as_tuple=True)
-        if token.numel() == 0:
-            return ExpertsOutput(torch.zeros_like(hidden), torch.tensor(0), self.name)
+        num_tokens, top_k = keep.shape
+        if num_tokens == 1:
+            ids = routing.ids.masked_select(keep)
+            if ids.numel() == 0:
+                return ExpertsOutput(torch.zeros_like(hidden), 0, self.name)
+            weights = routing.weights.masked_select(keep)
+            return self._kernel(experts, hidden, weights.view(1, -1), ids.view(1, -1))
+        kept = keep.reshape(-1).nonzero().squeeze(1)
+        if kept.numel() == 0:
+            return ExpertsOutput(torch.zeros_like(hidden), 0, self.name)
+        token = kept.div(top_k, rounding_mode="floor")
         out, rows, backend = self._kernel(
             experts,
-            hidden[token],
-            routing.weights[token, slot].unsqueeze(1).contiguous(),
-            routing.ids[token, slot].unsqueeze(1).contiguous(),
+            hidden.index_select(0, token),
+            routing.weights.reshape(-1).index_select(0, kept).unsqueeze(1),
+            routing.ids.reshape(-1).index_select(0, kept).unsqueeze(1),
         )
         fused = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
         return ExpertsOutput(fused.index_add_(0, token, out.float()).to(hidden.dtype), rows, backend)
@@ -77,7 +91,7 @@ class KernelOnKeptPairs:
         (row, id) pair of `x` and `ids` is computed), not from the mask, so that a masked pair passed
         in by mistake shows up in `computed_rows`."""
         out = compat.run_modular_kernel(experts, x, weights, ids)
-        return ExpertsOutput(out, torch.tensor(x.shape[0] * ids.shape[1]), self.name)
+        return ExpertsOutput(out, x.shape[0] * ids.shape[1], self.name)
 
 
 class BackendOnCheckpointWeights:
@@ -138,11 +152,11 @@ class BeamMoERunner(MoERunner):
             self.beam_mask.slot_logits(hidden_states[..., : self.beam_mask.in_features], ids, weights),
             self.beam_config.threshold if per_token is None else per_token,
             renormalize=self.beam_config.renormalize,
+            check_all_kept=hidden_states.device.type == "cpu",  # a host sync costs nothing there
         )
         fused, rows, backend = self.beam_executor(self, hidden_states, routing)
         if _is_real_step():
-            labels = REQUEST_BUDGETS.token_labels(ids.shape[0], ids.device)
-            SERVING_STATS.add(self.beam_index, routing, rows, backend, labels)
+            SERVING_STATS.add(self.beam_index, routing, rows, backend)
         if shared_experts_overlapping:
             shared = compat.overlapped_shared_output(self)
         return shared, fused
@@ -183,6 +197,7 @@ def install_beam(model: nn.Module, vllm_config: VllmConfig) -> dict[int, BeamMoE
     wanted = set(export["mask_layers"])
     runners: dict[int, BeamMoERunner] = {}
     SERVING_STATS.clear(log=get_tensor_model_parallel_rank() == 0)  # ranks see the same masks
+    SERVING_STATS.step_labels = REQUEST_BUDGETS.token_labels
     for name, module in model.named_modules():
         match = _LAYER_INDEX.search(name)
         if not isinstance(module, MoERunner) or match is None or int(match.group(1)) not in wanted:

@@ -17,6 +17,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -38,6 +39,8 @@ class ServingStats:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.log = True
+        self.step_labels: Callable[[int, torch.device], tuple[Tensor, list[str]] | None] | None = None
+        """Each token's budget label in the current step (the plugin sets it to the request budgets')."""
         self.layer_names: list[str] = []
         self.top_k: list[int] = []
         self.stats = BeamStats([], [])
@@ -61,42 +64,56 @@ class ServingStats:
             return len(self.layer_names) - 1
 
     def _reset(self) -> None:
+        self._pending: list[tuple[int, MaskedRouting, Tensor | int, str]] = []
+        self._last_layer = len(self.layer_names) - 1
         self.stats = BeamStats(self.layer_names, self.top_k)
-        self.budgets: dict[str, list[Any]] = {}  # label -> [token-layers, kept pairs (float or tensor)]
+        self.budgets: dict[str, list[Any]] = {}  # label -> [token-layers, kept pairs], labelled steps only
         self._tokens_at_last_log = self._kept_at_last_log = 0
 
     def reset(self) -> None:
         with self._lock:
             self._reset()
 
-    def add(
-        self,
-        layer: int,
-        routing: MaskedRouting,
-        rows: Tensor | int,
-        backend: str,
-        labels: tuple[Tensor, list[str]] | None = None,
-    ) -> None:
-        """Count one real forward pass of a BEAM layer: its routing, the rows its experts computed,
-        the backend that computed them, and (`labels`: each token's budget) the pairs kept per budget."""
-        with self._lock:
-            self.stats.add_routing(layer, routing.keep, routing.ids, routing.soft, routing.weights)
-            self.stats.add_rows(layer, rows, backend)
-            self._add_budgets(routing.keep, labels)
-        if layer == len(self.layer_names) - 1:
+    def add(self, layer: int, routing: MaskedRouting, rows: Tensor | int, backend: str) -> None:
+        """Queue one real forward pass of a BEAM layer (its routing, the rows its experts computed and
+        the backend that computed them); the step's last BEAM layer counts the queue.
+
+        Counting once per step instead of once per layer matters on a CPU at decode: between two
+        layers the weights streamed through the caches evict this code, and each cold pass through
+        it cost ~0.3 ms a layer; one pass per step runs warm after its first entry.
+        """
+        self._pending.append((layer, routing, rows, backend))
+        if layer == self._last_layer:
+            self._count_pending(step_labels=True)
             self._maybe_log()
 
-    def _add_budgets(self, keep: Tensor, labels: tuple[Tensor, list[str]] | None) -> None:
-        """Kept pairs and token-layers per budget label ('default': the checkpoint's threshold).
+    def _count_pending(self, step_labels: bool = False) -> None:
+        """Count the queued passes. `step_labels`: called inside the step that queued them, so the
+        requests' budget labels of this step apply to entries with its number of tokens."""
+        pending, self._pending = self._pending, []
+        labels = None
+        if step_labels and pending and self.step_labels is not None:
+            keep = pending[-1][1].keep
+            labels = self.step_labels(keep.shape[0], keep.device)
+        with self._lock:
+            for layer, routing, rows, backend in pending:
+                keep = routing.keep
+                if routing.all_kept:  # counted on the host, no device op
+                    tokens, top_k = keep.shape
+                    self.stats.add_counts(layer, tokens, tokens * top_k, 0)
+                else:
+                    self.stats.add_routing(layer, keep, routing.ids, routing.soft, routing.weights)
+                self.stats.add_rows(layer, rows, backend)
+                if labels is not None and labels[0].shape[0] == keep.shape[0]:
+                    self._add_budgets(keep, labels)
 
-        A step without budgets adds a device tensor (no host sync per layer); `summary` reads it.
-        """
-        if labels is None:
-            names, tokens, kept = [DEFAULT_LABEL], [keep.shape[0]], [keep.sum(dtype=torch.float64)]
-        else:
-            ids, names = labels
-            tokens = torch.bincount(ids, minlength=len(names)).tolist()
-            kept = torch.bincount(ids, weights=keep.sum(dim=-1).double(), minlength=len(names)).tolist()
+    def _add_budgets(self, keep: Tensor, labels: tuple[Tensor, list[str]]) -> None:
+        """Kept pairs and token-layers per budget label, for steps in which some request asked for
+        a budget. Steps without any are not counted here: `summary` gives them to 'default' as the
+        whole model's counts less every labelled one (no device op per layer for them)."""
+        ids, names = labels
+        tokens = torch.bincount(ids, minlength=len(names)).tolist()
+        kept = torch.bincount(ids, weights=keep.sum(dim=-1).double(), minlength=len(names)).tolist()
         for name, n, k in zip(names, tokens, kept, strict=True):
             if n:
                 counts = self.budgets.setdefault(name, [0, 0.0])
@@ -104,12 +121,22 @@ class ServingStats:
                 counts[1] += k
 
     def summary(self) -> dict[str, Any]:
+        self._count_pending()
         with self._lock:
             summary = self.stats.to_dict()
-            budgets = {
-                name: {"avg_k": float(k) / n, "tokens": n // max(len(self.layer_names), 1)}
-                for name, (n, k) in self.budgets.items()
-            }
+            counts = {name: list(nk) for name, nk in self.budgets.items()}
+            unlabelled = [
+                self.stats.token_layers - sum(n for n, _ in counts.values()),
+                summary["kept_pairs"] - sum(k for _, k in counts.values()),
+            ]
+        if unlabelled[0]:
+            default = counts.setdefault(DEFAULT_LABEL, [0, 0.0])
+            default[0] += unlabelled[0]
+            default[1] += unlabelled[1]
+        layers = max(len(self.layer_names), 1)
+        budgets = {
+            name: {"avg_k": float(k) / n, "tokens": n // layers} for name, (n, k) in counts.items() if n
+        }
         summary["layers"] = len(self.layer_names)
         summary["budgets"] = budgets
         return summary
