@@ -270,27 +270,52 @@ def cli_options(args: argparse.Namespace) -> list[str]:
 
 
 def machine() -> dict:
-    import transformers
     import vllm
 
-    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
-    meminfo = Path("/proc/meminfo").read_text().splitlines()
-    cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), "")
-    flags = next((line for line in cpuinfo if line.startswith("flags")), "")
-    memory = next((line.split()[1] for line in meminfo if line.startswith("MemTotal")), "0")
+    from beam_moe.bench.machine import describe_machine
+    from beam_moe.native import decode_keep_available
+
+    memory = next(
+        (
+            line.split()[1]
+            for line in Path("/proc/meminfo").read_text().splitlines()
+            if line.startswith("MemTotal")
+        ),
+        "0",
+    )
     return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
+        **describe_machine(torch.device("cpu")),
         "memory_gib": round(int(memory) / 2**20, 1),
-        "isa": [f for f in ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f" {f}" in flags],
         "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
         "vllm": vllm.__version__,
-        "load_average_at_start": os.getloadavg(),
+        "beam_native_decode_op": decode_keep_available(),
         "vllm_cpu_omp_threads_bind": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto"),
         "vllm_cpu_kvcache_space_gib": os.environ["VLLM_CPU_KVCACHE_SPACE"],
     }
+
+
+def markdown_table(document: dict) -> str:
+    """The result file as the table the docs show (`--report FILE` prints it)."""
+    lines = [
+        "| variant | batch | TTFT | TPOT | throughput | TPOT / floor | vs base: TPOT (ideal, share) | throughput |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for variant, per_batch in document["results"].items():
+        for batch, row in per_batch.items():
+            if not batch.isdigit():
+                continue
+            ratio = document["summary"].get(variant, {}).get(batch)
+            versus = (
+                f"{ratio['tpot_speedup']:.2f}x ({ratio['ideal_tpot_speedup']:.2f}x, {ratio['share_of_ideal']:.0%}) "
+                f"| {ratio['throughput_speedup']:.2f}x"
+                if ratio
+                else "— | —"
+            )
+            lines.append(
+                f"| {variant} | {batch} | {row['ttft_ms'] / 1000:.2f} s | {row['tpot_ms']:.0f} ms "
+                f"| {row['throughput_tok_s']:.1f} tok/s | {row['tpot_over_floor']:.2f} | {versus} |"
+            )
+    return "\n".join(lines)
 
 
 def ratios(results: dict, read: dict, bandwidth: float, args: argparse.Namespace) -> dict:
@@ -370,7 +395,13 @@ def main() -> None:
         action="store_true",
         help="keep the engine rounds an interrupted run with the same settings wrote to --output",
     )
+    parser.add_argument(
+        "--report", type=Path, help="print a finished result file as a markdown table and exit"
+    )
     args = parser.parse_args()
+    if args.report is not None:
+        print(markdown_table(json.loads(args.report.read_text())))
+        return
     if args.output_len < 2:
         parser.error("--output-len must be at least 2 (TPOT is the time after the first token)")
 
@@ -458,6 +489,7 @@ def main() -> None:
     )
     args.output.write_text(json.dumps(document, indent=2) + "\n")
     print(json.dumps(summary, indent=2))
+    print(markdown_table(document))
 
 
 if __name__ == "__main__":
