@@ -273,7 +273,6 @@ def machine() -> dict:
     import vllm
 
     from beam_moe.bench.machine import describe_machine
-    from beam_moe.native import decode_keep_available
 
     memory = next(
         (
@@ -288,7 +287,6 @@ def machine() -> dict:
         "memory_gib": round(int(memory) / 2**20, 1),
         "python": platform.python_version(),
         "vllm": vllm.__version__,
-        "beam_native_decode_op": decode_keep_available(),
         "vllm_cpu_omp_threads_bind": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto"),
         "vllm_cpu_kvcache_space_gib": os.environ["VLLM_CPU_KVCACHE_SPACE"],
     }

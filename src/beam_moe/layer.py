@@ -1,7 +1,7 @@
 """BEAM on one MoE block: the mask head beside the router, and expert execution that skips masked pairs.
 
 The block's own forward is untouched (shared experts, jitter, output format). Two things change:
-- a forward hook on the router replaces its Top-K weights with `g * keep` (routing.apply_slot_mask);
+- a forward hook on the router replaces its Top-K weights with `g * keep` (routing.apply_head);
   in eval mode masked slots also get the sentinel id E, so the experts never compute them;
 - the experts module's forward runs a BEAM expert backend, which skips ids >= E.
 In training mode all K experts are computed (weights g * keep with a straight-through gradient),
@@ -19,7 +19,7 @@ from beam_moe.errors import BeamError
 from beam_moe.experts import ExpertWeights, get_backend
 from beam_moe.families import MoEFamily
 from beam_moe.mask import MaskHead
-from beam_moe.routing import RoutingPolicy, apply_keep, apply_slot_mask, to_sentinel
+from beam_moe.routing import RoutingPolicy, apply_head, apply_keep, to_sentinel
 from beam_moe.stats import StatsSink
 
 
@@ -75,12 +75,14 @@ class BeamMoELayer:
         at_logits, at_weights, at_ids = self.family.router_outputs
         logits, weights, ids = output[at_logits], output[at_weights], output[at_ids]
         if self.policy is None:
-            routing = apply_slot_mask(
+            routing = apply_head(
+                self.head,
+                hidden,
                 weights,
                 ids,
-                self.head.slot_logits(hidden, ids, weights),
                 self._token_threshold(ids.shape[0]),
                 renormalize=self.config.renormalize,
+                check_all_kept=hidden.device.type == "cpu" and not self.block.training,
             )
         else:
             keep = self.policy(hidden.reshape(-1, self.hidden_size), logits, weights, ids)
@@ -89,7 +91,7 @@ class BeamMoELayer:
         self.last_keep = routing.keep.detach()
         for sink in self.sinks:
             sink.add_routing(self.index, routing.keep, ids, routing.soft, weights)
-        if not self.block.training:
+        if not self.block.training and not routing.all_kept:
             ids = to_sentinel(ids, routing.keep, self.num_experts)
         masked = list(output)
         masked[at_weights], masked[at_ids] = routing.weights, ids

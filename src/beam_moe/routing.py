@@ -1,6 +1,7 @@
 """Apply a BEAM mask to a router's Top-K output.
 
-This is where the mask is applied. The mask lives in one canonical form, `keep: bool[T, K]`,
+This is where the mask is applied (`apply_head` for a mask head, `apply_slot_mask` for its logits,
+`apply_keep` for a mask decided by a policy). The mask lives in one canonical form, `keep: bool[T, K]`,
 aligned with the router's `ids: int[T, K]`; `to_sentinel` converts it for expert backends at
 their boundary (masked slots get id E, one past the last expert, and weight 0).
 """
@@ -13,7 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from beam_moe.mask import straight_through_mask
+from beam_moe.mask import MaskHead, straight_through_mask
+from beam_moe.native import decode_keep, decode_keep_available
 
 
 @dataclass
@@ -82,6 +84,42 @@ def apply_slot_mask(
         return routing_from_keep(weights, ids, keep, soft, bool(keep.all()), renormalize=renormalize)
     keep, hard = straight_through_mask(soft, threshold)
     return MaskedRouting(weights=_gate(weights, hard, renormalize), ids=ids, keep=keep, soft=soft)
+
+
+def apply_head(
+    head: MaskHead,
+    hidden: Tensor,
+    weights: Tensor,
+    ids: Tensor,
+    threshold: float | Tensor,
+    *,
+    renormalize: bool = False,
+    check_all_kept: bool = False,
+) -> MaskedRouting:
+    """The routing a mask head gives: `apply_slot_mask` on `head.slot_logits`, or, for a
+    decode-sized step at inference on a CPU where the native op is built, the same decision made by
+    `beam_moe.native.decode_keep` in one dispatch (then `all_kept` is always known)."""
+    if _native_decode_applies(head, hidden, weights, ids, threshold):
+        x = hidden.reshape(-1, head.in_features)
+        soft, keep, all_kept = decode_keep(x, head, ids, float(threshold), weights)
+        return routing_from_keep(weights, ids, keep, soft, all_kept, renormalize=renormalize)
+    slot_logits = head.slot_logits(hidden, ids, weights)
+    return apply_slot_mask(
+        weights, ids, slot_logits, threshold, renormalize=renormalize, check_all_kept=check_all_kept
+    )
+
+
+def _native_decode_applies(
+    head: MaskHead, hidden: Tensor, weights: Tensor, ids: Tensor, threshold: float | Tensor
+) -> bool:
+    return (
+        hidden.device.type == "cpu"
+        and not isinstance(threshold, Tensor)
+        and ids.numel() < head.out_features
+        and not (torch.is_grad_enabled() and head.weight.requires_grad)
+        and (not head.router_aware or weights.dtype == torch.float32)
+        and decode_keep_available()
+    )
 
 
 def routing_from_keep(

@@ -9,7 +9,7 @@ import torch
 
 from beam_moe import MaskHead
 from beam_moe.native import decode_keep, decode_keep_available, library_path
-from beam_moe.routing import apply_slot_mask
+from beam_moe.routing import apply_head, apply_slot_mask
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -85,3 +85,22 @@ def test_bad_input_is_refused_with_a_message():
         decode_keep(torch.randn(1, 32), head, ids, 0.5)
     with pytest.raises(RuntimeError, match="int32 or int64"):
         decode_keep(torch.randn(1, 64), head, ids.float(), 0.5)
+
+
+def test_apply_head_takes_the_native_op_only_for_decode_sized_inference():
+    """routing.apply_head: the native op at inference for fewer pairs than experts (all_kept then
+    known), the PyTorch path with a gradient, for larger steps and for per-token thresholds."""
+    head = random_head(router_aware=True, bias=True, seed=4)
+    weights, ids = top_k(2, seed=4)  # 8 pairs < 16 experts
+    hidden = torch.randn(2, 64)
+    with torch.no_grad():
+        native = apply_head(head, hidden, weights, ids, 0.5)
+        plain = apply_slot_mask(weights, ids, head.slot_logits(hidden, ids, weights), 0.5)
+        per_token = apply_head(head, hidden, weights, ids, torch.full((2,), 0.5))
+        big_weights, big_ids = top_k(5, seed=5)  # 20 pairs >= 16 experts
+        big = apply_head(head, torch.randn(5, 64), big_weights, big_ids, 0.5)
+    assert native.all_kept is not None and plain.all_kept is None
+    assert torch.equal(native.keep, plain.keep) and torch.equal(native.weights, plain.weights)
+    assert per_token.all_kept is None and big.all_kept is None
+    trained = apply_head(head, hidden, weights, ids, 0.5)
+    assert trained.all_kept is None and trained.weights.requires_grad

@@ -87,6 +87,8 @@ def describe_machine(device: torch.device) -> dict:
     """What ran the benchmark: enough to tell two result files' machines apart."""
     import transformers
 
+    from beam_moe.native import decode_keep_available
+
     info = {
         "beam_moe_commit": _commit(),
         "device": str(device),
@@ -97,6 +99,7 @@ def describe_machine(device: torch.device) -> dict:
         "cpu": _cpu_name(),
         "cpu_flags": cpu_flags(),
         "torch_cpu": torch_cpu_support(),
+        "beam_native_decode_op": decode_keep_available(),
         "platform": platform.platform(),
     }
     if hasattr(os, "getloadavg"):

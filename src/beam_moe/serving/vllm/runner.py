@@ -37,8 +37,8 @@ from beam_moe.errors import BeamError
 from beam_moe.experts import ExpertsOutput, ExpertWeights, available_backends, get_backend
 from beam_moe.mask import MaskHead
 from beam_moe.merged import effective_beam_config, read_merged_config
-from beam_moe.native import decode_keep, decode_keep_available
-from beam_moe.routing import MaskedRouting, apply_slot_mask, routing_from_keep, to_sentinel
+from beam_moe.native import decode_keep_available
+from beam_moe.routing import MaskedRouting, apply_head, to_sentinel
 from beam_moe.serving.vllm import compat
 from beam_moe.serving.vllm.budgets import BUDGET_PROCESSOR, REQUEST_BUDGETS
 from beam_moe.serving.vllm.stats import SERVING_STATS
@@ -127,8 +127,6 @@ class BeamMoERunner(MoERunner):
     beam_config: BeamConfig
     beam_executor: Any
     beam_index: int
-    beam_native_decode: bool
-    """Decide the mask of decode-sized steps with the native op (on a CPU, where it is built)."""
 
     def _apply_quant_method(
         self,
@@ -148,27 +146,15 @@ class BeamMoERunner(MoERunner):
             input_ids=input_ids,
         )
         per_token = REQUEST_BUDGETS.token_thresholds(ids.shape[0], ids.device)
-        head = self.beam_mask
-        hidden = hidden_states[..., : head.in_features]  # kernels may pad H
-        if (
-            self.beam_native_decode
-            and per_token is None
-            and ids.numel() < head.out_features
-            and weights.dtype == torch.float32
-        ):
-            soft, keep, all_kept = decode_keep(hidden, head, ids, self.beam_config.threshold, weights)
-            routing = routing_from_keep(
-                weights, ids, keep, soft, all_kept, renormalize=self.beam_config.renormalize
-            )
-        else:
-            routing = apply_slot_mask(
-                weights,
-                ids,
-                head.slot_logits(hidden, ids, weights),
-                self.beam_config.threshold if per_token is None else per_token,
-                renormalize=self.beam_config.renormalize,
-                check_all_kept=hidden_states.device.type == "cpu",  # a host sync costs nothing there
-            )
+        routing = apply_head(
+            self.beam_mask,
+            hidden_states[..., : self.beam_mask.in_features],  # kernels may pad H
+            weights,
+            ids,
+            self.beam_config.threshold if per_token is None else per_token,
+            renormalize=self.beam_config.renormalize,
+            check_all_kept=hidden_states.device.type == "cpu",  # a host sync costs nothing there
+        )
         fused, rows, backend = self.beam_executor(self, hidden_states, routing)
         if _is_real_step():
             SERVING_STATS.add(self.beam_index, routing, rows, backend)
@@ -209,7 +195,7 @@ def install_beam(model: nn.Module, vllm_config: VllmConfig) -> dict[int, BeamMoE
             "graphs cannot capture; serve with --enforce-eager (LLM(..., enforce_eager=True))"
         )
     executor = _make_executor(config, device_type)
-    native_decode = device_type == "cpu" and decode_keep_available()
+    native_decode = device_type == "cpu" and decode_keep_available()  # routing.apply_head's choice
     wanted = set(export["mask_layers"])
     runners: dict[int, BeamMoERunner] = {}
     SERVING_STATS.clear(log=get_tensor_model_parallel_rank() == 0)  # ranks see the same masks
@@ -229,7 +215,6 @@ def install_beam(model: nn.Module, vllm_config: VllmConfig) -> dict[int, BeamMoE
         module.add_module("beam_mask", head)
         module.beam_config = config
         module.beam_executor = executor
-        module.beam_native_decode = native_decode
         block_name = name.rsplit(".", 1)[0]
         module.beam_index = SERVING_STATS.add_layer(block_name, module.moe_config.experts_per_token)
         compat.use_moe_forward_op(module)
