@@ -22,7 +22,12 @@ same run: per layer attention, router, mask head and every expert that at least 
 keeps. That count is measured in transformers on the same checkpoint (random 128-token texts, groups
 of B tokens drawn from them), then scaled by the Avg-K the engine itself served over the one seen
 there. Reported per variant and B: TPOT / floor, and for BEAM the ideal
-speed-up (base floor / BEAM floor) next to the measured one (base TPOT / BEAM TPOT). Run it alone:
+speed-up (base floor / BEAM floor) next to the measured one (base TPOT / BEAM TPOT).
+
+Separate engines differ by more than BEAM on a shared machine (two rounds moved the base TPOT by
+10-30%), so `--paired N` also measures what the BEAM step costs inside the keep-all engine: N pairs
+of consecutive decode steps per batch size, one with its BEAM runners switched off (vLLM's own
+runner, the base model's path) and one on, in a random order per pair. Run it alone:
 
     .venv/bin/python benchmarks/serving_vllm.py --layers 8 --avg-k 1.23,2.0 --batches 1,8,32
 """
@@ -201,24 +206,31 @@ def start_engine(model: Path, variant: str, args: argparse.Namespace):
     )
 
 
+def time_generate(
+    llm, batch: int, max_tokens: int, args: argparse.Namespace, generator: torch.Generator
+) -> float:
+    """Seconds for B new random prompts of `--input-len` tokens to each produce `max_tokens`."""
+    from vllm import SamplingParams
+
+    requests = [
+        {"prompt_token_ids": torch.randint(5, 261, (args.input_len,), generator=generator).tolist()}
+        for _ in range(batch)
+    ]
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    begin = time.perf_counter()
+    outputs = llm.generate(requests, params, use_tqdm=False)
+    elapsed = time.perf_counter() - begin
+    assert all(len(o.outputs[0].token_ids) == max_tokens for o in outputs)
+    return elapsed
+
+
 def measure_round(llm, variant: str, args: argparse.Namespace, generator: torch.Generator) -> dict:
     """One round of one engine: per batch size, `--repeats` times B requests of 1 and of
     `--output-len` tokens (seconds each), and the BEAM counters over the round."""
-    from vllm import SamplingParams
-
     from beam_moe.serving.vllm import engine_stats, reset_engine_stats
 
     def run(batch: int, max_tokens: int) -> float:
-        requests = [
-            {"prompt_token_ids": torch.randint(5, 261, (args.input_len,), generator=generator).tolist()}
-            for _ in range(batch)
-        ]
-        params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
-        begin = time.perf_counter()
-        outputs = llm.generate(requests, params, use_tqdm=False)
-        elapsed = time.perf_counter() - begin
-        assert all(len(o.outputs[0].token_ids) == max_tokens for o in outputs)
-        return elapsed
+        return time_generate(llm, batch, max_tokens, args, generator)
 
     run(max(args.batches), args.output_len)  # warm-up
     if variant != "base":
@@ -232,6 +244,77 @@ def measure_round(llm, variant: str, args: argparse.Namespace, generator: torch.
         stats = engine_stats(llm)
         samples["beam"] = {k: stats[k] for k in ("avg_k", "kept_fraction", "computed_rows", "routed_pairs")}
     return samples
+
+
+def alternate_beam_steps(llm, args: argparse.Namespace, generator: torch.Generator) -> dict:
+    """What the BEAM step costs, measured inside one engine: the keep-all engine's decode steps
+    with its BEAM runners switched off (vLLM's own `MoERunner`, the base model's path) and on, the
+    two in a random order within each pair of consecutive steps, so a pair shares its requests,
+    context length (within one token), memory and machine state. Per batch size: `--paired` pairs
+    from one generation of 2 x `--paired` + 1 tokens; each step's forward pass is timed.
+
+    Benchmark only: it wraps the model runner's `execute_model` and switches the runners' class and
+    vLLM's forward entry (private) directly; the engine runs in this process (uni executor)."""
+    import random
+
+    order = random.Random(args.seed)
+    timing: dict = {"active": False, "plan": [], "steps": []}
+
+    def install(worker) -> int:
+        from vllm.model_executor.layers.fused_moe.runner.moe_runner import MoERunner
+
+        from beam_moe.serving.vllm import compat
+        from beam_moe.serving.vllm.runner import BeamMoERunner
+
+        runner = worker.model_runner
+        beam = [m for m in runner.model.modules() if isinstance(m, MoERunner) and hasattr(m, "beam_mask")]
+
+        def switch(on: bool) -> None:
+            for module in beam:
+                if on:
+                    module.__class__ = BeamMoERunner
+                    compat.use_moe_forward_op(module)
+                else:
+                    module.__class__ = MoERunner
+                    module._forward_entry = module._select_forward()
+
+        original = runner.execute_model
+
+        def execute_model(scheduler_output, *rest, **options):
+            counts = scheduler_output.num_scheduled_tokens
+            decode = timing["active"] and bool(counts) and all(n == 1 for n in counts.values())
+            if not decode:
+                return original(scheduler_output, *rest, **options)
+            if not timing["plan"]:
+                timing["plan"] = order.sample([True, False], 2)
+            on = timing["plan"].pop()
+            switch(on)
+            begin = time.perf_counter()
+            output = original(scheduler_output, *rest, **options)
+            timing["steps"].append((on, len(counts), 1e3 * (time.perf_counter() - begin)))
+            switch(True)
+            return output
+
+        runner.execute_model = execute_model
+        return len(beam)
+
+    if llm.collective_rpc(install)[0] == 0:
+        raise SystemExit("--paired: the keep-all engine has no BEAM runner to switch")
+    result = {}
+    for batch in args.batches:
+        timing.update(active=True, plan=[], steps=[])
+        time_generate(llm, batch, 2 * args.paired + 1, args, generator)
+        timing["active"] = False
+        steps = [s for s in timing["steps"] if s[1] == batch]
+        pairs = [(a, b) for a, b in zip(steps[::2], steps[1::2], strict=False) if a[0] != b[0]]
+        on = [a[2] if a[0] else b[2] for a, b in pairs]
+        off = [b[2] if a[0] else a[2] for a, b in pairs]
+        result[str(batch)] = {
+            "step_ms_beam_on": on,
+            "step_ms_beam_off": off,
+            "ratio_on_over_off": [x / y for x, y in zip(on, off, strict=True)],
+        }
+    return result
 
 
 def summarise(samples: list[dict], args: argparse.Namespace) -> dict:
@@ -258,7 +341,7 @@ def cli_options(args: argparse.Namespace) -> list[str]:
     options = []
     for key, value in vars(args).items():
         flag = f"--{key.replace('_', '-')}"
-        if key == "resume":
+        if key in ("resume", "report") or (key == "paired" and not value):
             continue
         if isinstance(value, bool):
             options += [flag] if value else []
@@ -292,6 +375,20 @@ def machine() -> dict:
     }
 
 
+def paired_summary(pairs: list[dict]) -> dict:
+    """The keep-all engine's on/off step pairs of every round at one batch size."""
+    ratios = [r for p in pairs for r in p["ratio_on_over_off"]]
+    off = [t for p in pairs for t in p["step_ms_beam_off"]]
+    on = [t for p in pairs for t in p["step_ms_beam_on"]]
+    return {
+        "pairs": len(ratios),
+        "median_ratio": statistics.median(ratios),
+        "ratios": ratios,
+        "step_ms_beam_off_median": statistics.median(off),
+        "step_ms_beam_on_median": statistics.median(on),
+    }
+
+
 def markdown_table(document: dict) -> str:
     """The result file as the table the docs show (`--report FILE` prints it)."""
     lines = [
@@ -312,6 +409,18 @@ def markdown_table(document: dict) -> str:
             lines.append(
                 f"| {variant} | {batch} | {row['ttft_ms'] / 1000:.2f} s | {row['tpot_ms']:.0f} ms "
                 f"| {row['throughput_tok_s']:.1f} tok/s | {row['tpot_over_floor']:.2f} | {versus} |"
+            )
+    paired = document.get("keep_all_paired")
+    if paired:
+        lines += [
+            "",
+            "| batch | decode step, BEAM runners off | on | on / off (median of pairs) | pairs |",
+            "|---|---|---|---|---|",
+        ]
+        for batch, row in paired.items():
+            lines.append(
+                f"| {batch} | {row['step_ms_beam_off_median']:.1f} ms | {row['step_ms_beam_on_median']:.1f} ms "
+                f"| {row['median_ratio']:.3f} | {row['pairs']} |"
             )
     return "\n".join(lines)
 
@@ -394,6 +503,13 @@ def main() -> None:
         help="keep the engine rounds an interrupted run with the same settings wrote to --output",
     )
     parser.add_argument(
+        "--paired",
+        type=int,
+        default=0,
+        help="also, in each keep-all engine, this many pairs of decode steps per batch size with its "
+        "BEAM runners switched off and on (what BEAM costs, measured in one engine)",
+    )
+    parser.add_argument(
         "--report", type=Path, help="print a finished result file as a markdown table and exit"
     )
     args = parser.parse_args()
@@ -458,6 +574,8 @@ def main() -> None:
             startup[variant].append(time.perf_counter() - begin)
             try:
                 samples[variant].append(measure_round(llm, variant, args, generator))
+                if variant == "keep-all" and args.paired:
+                    samples[variant][-1]["paired"] = alternate_beam_steps(llm, args, generator)
             finally:
                 llm.llm_engine.engine_core.shutdown()
                 del llm
@@ -475,6 +593,11 @@ def main() -> None:
     results = {v: {**summarise(samples[v], args), "startup_s": startup[v]} for v in variants}
     best = max(bandwidth)  # the faster copy gives the lower floor: the stricter comparison
     summary = ratios(results, read, best, args)
+    paired = [r["paired"] for r in samples.get("keep-all", []) if "paired" in r]
+    if paired:
+        document["keep_all_paired"] = {
+            str(batch): paired_summary([p[str(batch)] for p in paired]) for batch in args.batches
+        }
     document.update(
         {
             "copy_bandwidth_gb_s": [b / 1e9 for b in bandwidth],

@@ -42,6 +42,7 @@ from beam_moe.families import family_for
 from beam_moe.layer import BeamMoELayer
 from beam_moe.mask import MaskHead
 from beam_moe.presets import MoEPreset
+from beam_moe.routing import apply_head
 from beam_moe.stats import BeamStats
 
 HF_IMPLEMENTATIONS = ("eager", "grouped_mm", "batched_mm")
@@ -185,9 +186,8 @@ class LayerBench:
 
 def _fixed_mask(layer: BeamMoELayer, keep: Tensor) -> Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]:
     def policy(hidden: Tensor, logits: Tensor, weights: Tensor, ids: Tensor) -> Tensor:
-        layer.head.slot_logits(
-            hidden, ids
-        )  # the head still runs (its cost stays in); its decision is replaced
+        # the head's decision runs as in serving (its cost stays in), then the draw's mask replaces it
+        apply_head(layer.head, hidden, weights, ids, layer.config.threshold)
         return keep
 
     return policy
