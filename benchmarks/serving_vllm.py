@@ -195,7 +195,7 @@ def start_engine(model: Path, variant: str, args: argparse.Namespace):
     return LLM(
         model=str(model),
         dtype="bfloat16",
-        max_model_len=args.input_len + args.output_len + 8,
+        max_model_len=args.input_len + max(args.output_len, 2 * args.paired + 1) + 8,
         max_num_seqs=max(args.batches),
         enforce_eager=not args.compile,
         enable_prefix_caching=False,
@@ -263,20 +263,16 @@ def alternate_beam_steps(llm, args: argparse.Namespace, generator: torch.Generat
     def install(worker) -> int:
         from vllm.model_executor.layers.fused_moe.runner.moe_runner import MoERunner
 
-        from beam_moe.serving.vllm import compat
         from beam_moe.serving.vllm.runner import BeamMoERunner
 
         runner = worker.model_runner
         beam = [m for m in runner.model.modules() if isinstance(m, MoERunner) and hasattr(m, "beam_mask")]
+        entries = [m._forward_entry for m in beam]  # as the plugin set them
 
         def switch(on: bool) -> None:
-            for module in beam:
-                if on:
-                    module.__class__ = BeamMoERunner
-                    compat.use_moe_forward_op(module)
-                else:
-                    module.__class__ = MoERunner
-                    module._forward_entry = module._select_forward()
+            for module, entry in zip(beam, entries, strict=True):
+                module.__class__ = BeamMoERunner if on else MoERunner
+                module._forward_entry = entry if on else module._select_forward()
 
         original = runner.execute_model
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from vllm.config import CUDAGraphMode, VllmConfig
+from vllm.config import CompilationMode, CUDAGraphMode, VllmConfig
 from vllm.distributed import get_tensor_model_parallel_rank
 from vllm.logger import init_logger
 from vllm.model_executor.layers.fused_moe.activation import MoEActivation
@@ -119,8 +119,10 @@ class _CheckpointLayoutMoEMethod(UnquantizedFusedMoEMethod):
 class BeamMoERunner(MoERunner):
     """A vLLM `MoERunner` with a BEAM mask head between its router and its experts.
 
-    Only `_apply_quant_method` (route, then run experts) differs from vLLM's; it is entered through
-    vLLM's opaque `moe_forward` custom ops, so torch.compile never traces the data-dependent parts.
+    Only `_apply_quant_method` (route, then run experts) differs from vLLM's. When vLLM compiles
+    the model (and always off a CPU) it is entered through vLLM's opaque `moe_forward` custom ops,
+    so torch.compile never traces the data-dependent parts; an eager CPU engine keeps vLLM's direct
+    call, as vLLM does for its own CPU layers (a custom-op dispatch per layer costs at decode).
     """
 
     beam_mask: MaskHead
@@ -195,6 +197,7 @@ def install_beam(model: nn.Module, vllm_config: VllmConfig) -> dict[int, BeamMoE
             "graphs cannot capture; serve with --enforce-eager (LLM(..., enforce_eager=True))"
         )
     executor = _make_executor(config, device_type)
+    compiled = device_type != "cpu" or vllm_config.compilation_config.mode != CompilationMode.NONE
     native_decode = device_type == "cpu" and decode_keep_available()  # routing.apply_head's choice
     wanted = set(export["mask_layers"])
     runners: dict[int, BeamMoERunner] = {}
@@ -217,7 +220,8 @@ def install_beam(model: nn.Module, vllm_config: VllmConfig) -> dict[int, BeamMoE
         module.beam_executor = executor
         block_name = name.rsplit(".", 1)[0]
         module.beam_index = SERVING_STATS.add_layer(block_name, module.moe_config.experts_per_token)
-        compat.use_moe_forward_op(module)
+        if compiled:  # eager on a CPU keeps vLLM's direct call: no custom-op dispatch per layer
+            compat.use_moe_forward_op(module)
         if isinstance(executor, BackendOnCheckpointWeights):
             compat.reclass(compat.quant_method(module.routed_experts), _CheckpointLayoutMoEMethod)
         runners[int(match.group(1))] = module
