@@ -2,9 +2,10 @@
 //   z[t, k] = W[ids[t, k]] . x[t] (+ b[ids[t, k]]),  soft = sigmoid(z),  keep = soft >= threshold,
 // and whether every slot is kept. A router-aware head (mask.py) also adds
 //   scale * r[t, k] + offset,  r = max(log(max(g_k / max_j g_j, exp(-floor))), -floor)
-// from the router's Top-K weights g (a token whose weights are all <= 0 gets ratio 1). The same values as MaskHead.slot_logits + routing.apply_slot_mask
-// (up to float rounding of the dot product); one dispatch instead of seven, which matters at decode,
-// where each op of a MoE layer starts with caches that the layer's weights just flushed.
+// from the router's Top-K weights g (a token whose weights are all <= 0 gets ratio 1).
+// The same values as MaskHead.slot_logits + routing.apply_slot_mask (up to float rounding of the
+// dot product); one dispatch instead of seven, which matters at decode, where each op of a MoE
+// layer starts with caches that the layer's weights just flushed.
 // Portable C++ (no CPU-specific flags), built by `python -m beam_moe.native build`.
 #include <ATen/ATen.h>
 #include <torch/library.h>

@@ -5,7 +5,7 @@ and the fused-MoE kernel), shared experts, and the tensor-parallel all-reduce. `
 turns the runners of the masked layers into `BeamMoERunner`s (the same objects, re-classed, so
 vLLM's weight loading, shared experts, sequence parallelism and all-reduce stay exactly vLLM's),
 gives each a replicated mask head, and changes one step: between the router and the experts the
-mask decides `keep [T, K]` (beam_moe.routing.apply_slot_mask) and only kept pairs are executed by
+mask decides `keep [T, K]` (beam_moe.routing.apply_head) and only kept pairs are executed by
 
 - `KernelOnKeptPairs` ("auto" on CPU): vLLM's own fused-MoE kernel on the kept pairs only (one
   token: its kept ids as its top-K'; more: one top-1 row per kept pair, summed back per token).
