@@ -14,11 +14,11 @@ process, e.g. OpenMP's wait policy, before torch is imported.
 
 from __future__ import annotations
 
-import importlib
 import sys
 import types
 from typing import TYPE_CHECKING, Any
 
+from beam_moe.lazy import lazy_attributes
 from beam_moe.version import __version__
 
 _PUBLIC = {
@@ -77,12 +77,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _HOME:
-        raise AttributeError(f"module 'beam_moe' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"beam_moe.{_HOME[name]}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_attributes(__name__, _HOME)
 
 
 def __dir__() -> list[str]:

@@ -21,7 +21,7 @@ PACKAGE = "beam_moe"
 # Lowest first. A module may import its own layer and the layers below, never one above. The
 # package facade (`beam_moe/__init__.py`) is above everything: it re-exports, nothing imports it.
 LAYERS: list[tuple[str, ...]] = [
-    ("version", "errors"),
+    ("version", "errors", "lazy"),
     (
         "atomic",
         "statefile",

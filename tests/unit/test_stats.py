@@ -102,7 +102,7 @@ def test_stats_is_a_leaf_module():
 
     code = "import sys, beam_moe.stats\nprint(sorted(m for m in sys.modules if m.startswith('beam_moe')))"
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert loaded.stdout.strip() == "['beam_moe', 'beam_moe.stats', 'beam_moe.version']"
+    assert loaded.stdout.strip() == "['beam_moe', 'beam_moe.lazy', 'beam_moe.stats', 'beam_moe.version']"
 
 
 def test_beam_stats_lives_beside_attach():

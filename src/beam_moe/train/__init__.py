@@ -10,8 +10,9 @@ learning rate), checkpointing (resume exactly), metrics (logs), output (the fini
 rebuilding from it).
 """
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from beam_moe.lazy import lazy_attributes
 
 # Loaded on first use, as the root package does: reading a run's folder (`train.output`,
 # `train.checkpointing`) must not import the training loop.
@@ -27,12 +28,7 @@ _HOME = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _HOME:
-        raise AttributeError(f"module 'beam_moe.train' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"beam_moe.train.{_HOME[name]}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_attributes(__name__, _HOME)
 
 
 if TYPE_CHECKING:
