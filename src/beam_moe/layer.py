@@ -90,7 +90,7 @@ class BeamMoELayer:
         self.last_soft = routing.soft if self.block.training else None
         self.last_keep = routing.keep.detach()
         for sink in self.sinks:
-            sink.add_routing(self.index, routing.keep, ids, routing.soft, weights)
+            sink.add_routing(self.index, routing.keep, ids, routing.soft, weights, routing.all_kept)
         if not self.block.training and not routing.all_kept:
             ids = to_sentinel(ids, routing.keep, self.num_experts)
         masked = list(output)

@@ -27,8 +27,17 @@ class RoutingRecord:
 class StatsSink(Protocol):
     """What a BEAM layer feeds after each forward pass (`BeamStats` is one; the layer holds a list)."""
 
-    def add_routing(self, layer: int, keep: Tensor, ids: Tensor, soft: Tensor, weights: Tensor) -> None:
-        """One layer's routing: keep mask [T, K], router ids, mask probabilities, router weights."""
+    def add_routing(
+        self,
+        layer: int,
+        keep: Tensor,
+        ids: Tensor,
+        soft: Tensor,
+        weights: Tensor,
+        all_kept: bool | None = None,
+    ) -> None:
+        """One layer's routing: keep mask [T, K], router ids, mask probabilities, router weights, and
+        (`MaskedRouting.all_kept`) whether every slot is known to be kept, or None."""
 
     def add_rows(self, layer: int, rows: Tensor | int, backend: str) -> None:
         """The (token, expert) rows one layer's experts computed, and the backend that computed them."""
@@ -63,8 +72,22 @@ class BeamStats:
         self._backends: list[dict[str, int]] = [{} for _ in range(n)]
         self.records: list[list[RoutingRecord]] = [[] for _ in range(n)]
 
-    def add_routing(self, layer: int, keep: Tensor, ids: Tensor, soft: Tensor, weights: Tensor) -> None:
-        self.add_counts(layer, keep.shape[0], keep.sum(), (~keep.any(dim=-1)).sum())
+    def add_routing(
+        self,
+        layer: int,
+        keep: Tensor,
+        ids: Tensor,
+        soft: Tensor,
+        weights: Tensor,
+        all_kept: bool | None = None,
+    ) -> None:
+        tokens, top_k = keep.shape
+        self._tokens[layer] += tokens
+        if all_kept:  # counted on the host: no device op when the mask kept everything
+            self._kept[layer] = self._kept[layer] + tokens * top_k
+        else:
+            self._kept[layer] = self._kept[layer] + keep.sum()
+            self._zero[layer] = self._zero[layer] + (~keep.any(dim=-1)).sum()
         if self.record:
             self.records[layer].append(
                 RoutingRecord(
@@ -74,13 +97,6 @@ class BeamStats:
                     weights=weights.detach().float().cpu(),
                 )
             )
-
-    def add_counts(self, layer: int, tokens: int, kept: Tensor | int, zero_kept: Tensor | int) -> None:
-        """One layer's routing as counts, for a caller that already knows them (e.g. every pair was
-        kept): tokens, kept pairs and tokens that kept none, as host ints or device tensors."""
-        self._tokens[layer] += tokens
-        self._kept[layer] = self._kept[layer] + kept
-        self._zero[layer] = self._zero[layer] + zero_kept
 
     def add_rows(self, layer: int, rows: Tensor | int, backend: str) -> None:
         self._rows[layer] = self._rows[layer] + rows

@@ -98,11 +98,9 @@ class ServingStats:
         with self._lock:
             for layer, routing, rows, backend in pending:
                 keep = routing.keep
-                if routing.all_kept:  # counted on the host, no device op
-                    tokens, top_k = keep.shape
-                    self.stats.add_counts(layer, tokens, tokens * top_k, 0)
-                else:
-                    self.stats.add_routing(layer, keep, routing.ids, routing.soft, routing.weights)
+                self.stats.add_routing(
+                    layer, keep, routing.ids, routing.soft, routing.weights, routing.all_kept
+                )
                 self.stats.add_rows(layer, rows, backend)
                 if labels is not None and labels[0].shape[0] == keep.shape[0]:
                     self._add_budgets(keep, labels)
