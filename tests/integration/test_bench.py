@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from beam_moe.bench import machine
 from beam_moe.bench.layer import bench_layer, exact_keep
 from beam_moe.bench.machine import measure_limits
 from beam_moe.bench.synthetic import build_test_model, preset_config
@@ -36,7 +37,21 @@ SMALL_PROBES = (16 << 20, 256)
 def test_machine_limits_are_measured():
     limits = measure_limits(torch.device("cpu"), torch.bfloat16, 2, *SMALL_PROBES)
     assert limits.copy_gbs > 0.1 and limits.read_gbs > 0.1 and limits.gemm_tflops > 1e-4
-    assert limits.gemm_shape == [256, 256, 256]
+    n = limits.gemm_shape[0]
+    assert limits.gemm_shape == [n, n, n] and 128 <= n <= 256 and n % 128 == 0
+    assert limits.fp32_gemm_shape is not None, "bf16 is also measured against float32's GEMM"
+    assert limits.gemm_tflops >= limits.dtype_gemm_tflops > 0
+
+
+def test_gemm_probe_shrinks_for_a_slow_dtype(monkeypatch):
+    """A dtype the CPU has no arithmetic for (bf16 on AVX2 runs ~1 GFLOP/s) must not be probed at
+    2048^3, a call of 15 s: the probe sizes itself to about GEMM_PROBE_SECONDS."""
+    monkeypatch.setattr(machine, "GEMM_PROBE_SECONDS", 1e-6)
+    probes = machine.LimitProbes(torch.device("cpu"), torch.bfloat16, 1 << 20, 2048)
+    assert {a.shape[0] for a, _ in probes.gemms.values()} == {128}
+    monkeypatch.setattr(machine, "GEMM_PROBE_SECONDS", 1e3)
+    probes = machine.LimitProbes(torch.device("cpu"), torch.float32, 1 << 20, 384)
+    assert [a.shape[0] for a, _ in probes.gemms.values()] == [384], "float32 alone, at the largest size"
 
 
 @pytest.mark.parametrize("preset", [TINY, TINY_SHARED], ids=lambda p: p.model_type)

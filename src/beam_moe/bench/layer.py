@@ -10,8 +10,8 @@ draws, so back-to-back calls read different experts and caches do not flatter an
 
 The floor for a draw is the larger of (bytes of the expert weights that must be read, plus the
 activations) / copy bandwidth and (FLOPs of the kept pairs) / GEMM rate. Both ceilings are
-measured in the same rounds as the methods (`machine.LimitProbes`: a large copy, a large read, a
-large GEMM, interleaved call by call), so that on a shared machine the floor sees the same load. Decode is memory-bound, so its floor follows
+measured in the same rounds as the methods (`machine.LimitProbes`: a large copy, a large read,
+GEMMs in the dtype and in float32, interleaved call by call), so that on a shared machine the floor sees the same load. Decode is memory-bound, so its floor follows
 the number of distinct experts the kept pairs touch.
 """
 

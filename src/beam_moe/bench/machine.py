@@ -19,12 +19,18 @@ class MachineLimits:
     """copy_gbs: bytes read + written per second by a large copy (the bandwidth of the floor).
     read_gbs: bytes read per second by a large sum (a streaming read; CPUs often read faster than
     they copy, because a copy also reads the destination before writing it).
-    gemm_tflops: a large matrix product's rate in the benchmark's dtype."""
+    gemm_tflops: the faster of a large matrix product's rate in the benchmark's dtype and in
+    float32. A CPU without bf16 arithmetic (AVX2 only) runs torch's bf16 GEMM 30-50x below its
+    float32 GEMM, while a kernel that widens bf16 to float32 as it loads reaches the float32 rate:
+    the ceiling is what the hardware allows, not what one library kernel does.
+    gemm_shape: the square size of the dtype's probe (float32's is in fp32_gemm_shape)."""
 
     copy_gbs: float
     read_gbs: float
     gemm_tflops: float
     gemm_shape: list[int]
+    dtype_gemm_tflops: float | None = None
+    fp32_gemm_shape: list[int] | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -36,33 +42,62 @@ class LimitProbes:
     comparable with times taken under the same load."""
 
     def __init__(self, device: torch.device, dtype: torch.dtype, nbytes: int, gemm_size: int) -> None:
-        self.nbytes, self.gemm_size = nbytes, gemm_size
+        self.nbytes = nbytes
         self.src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
         self.dst = torch.empty_like(self.src)
         generator = torch.Generator(device=device).manual_seed(0)
-        self.a = torch.randn(gemm_size, gemm_size, device=device, generator=generator).to(dtype)
-        self.b = torch.randn(gemm_size, gemm_size, device=device, generator=generator).to(dtype)
+        self.gemms = {"limit_gemm": _gemm_operands(gemm_size, dtype, device, generator)}
+        if dtype != torch.float32:
+            self.gemms["limit_gemm_fp32"] = _gemm_operands(gemm_size, torch.float32, device, generator)
 
     def methods(self) -> dict[str, Callable[[int], object]]:
-        return {
+        probes: dict[str, Callable[[int], object]] = {
             "limit_copy": lambda _: self.dst.copy_(self.src),
             "limit_read": lambda _: self.src.sum(),
-            "limit_gemm": lambda _: self.a @ self.b,
         }
+        for name, (a, b) in self.gemms.items():
+            probes[name] = lambda _, a=a, b=b: a @ b
+        return probes
 
     def limits(self, seconds: dict[str, float]) -> MachineLimits:
-        n = self.gemm_size
+        rates = {name: 2 * a.shape[0] ** 3 / seconds[name] / 1e12 for name, (a, _) in self.gemms.items()}
+        n = self.gemms["limit_gemm"][0].shape[0]
+        fp32 = self.gemms.get("limit_gemm_fp32")
         return MachineLimits(
             copy_gbs=2 * self.nbytes / seconds["limit_copy"] / 1e9,
             read_gbs=self.nbytes / seconds["limit_read"] / 1e9,
-            gemm_tflops=2 * n**3 / seconds["limit_gemm"] / 1e12,
+            gemm_tflops=max(rates.values()),
             gemm_shape=[n, n, n],
+            dtype_gemm_tflops=rates["limit_gemm"],
+            fp32_gemm_shape=[fp32[0].shape[0]] * 3 if fp32 is not None else None,
         )
 
 
+GEMM_PROBE_SECONDS = 0.05
+"""A GEMM probe call lasts about this long: long enough to time, and short enough that a dtype the
+CPU has no arithmetic for (torch's bf16 GEMM on AVX2: about 1 GFLOP/s, 15 s at 2048^3) does not
+stall the benchmark for minutes."""
+
+
+def _gemm_operands(
+    largest: int, dtype: torch.dtype, device: torch.device, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two square matrices of the largest size up to `largest` (a multiple of 128, at least 128)
+    whose product takes about GEMM_PROBE_SECONDS here, from a trial product at 128."""
+    n = min(largest, 128)
+    a = torch.randn(n, n, device=device, generator=generator).to(dtype)
+    a @ a
+    trial = statistics.median(time_call(lambda: a @ a, device) for _ in range(3))
+    scale = (GEMM_PROBE_SECONDS / max(trial, 1e-9)) ** (1 / 3)
+    n = max(n, min(largest, int(n * scale) // 128 * 128))
+    a = torch.randn(n, n, device=device, generator=generator).to(dtype)
+    b = torch.randn(n, n, device=device, generator=generator).to(dtype)
+    return a, b
+
+
 def default_sizes(device: torch.device) -> tuple[int, int]:
-    """A 512 MiB copy and a 2048^3 GEMM on the CPU, 1 GiB and 8192^3 on a GPU: far larger than
-    any cache, and long enough to time."""
+    """A 512 MiB copy and GEMMs of up to 2048^3 on the CPU, 1 GiB and up to 8192^3 on a GPU: far
+    larger than any cache, and long enough to time (each GEMM sized to about GEMM_PROBE_SECONDS)."""
     return ((1 << 30), 8192) if device.type == "cuda" else ((512 << 20), 2048)
 
 
