@@ -13,7 +13,7 @@ from beam_moe.errors import BeamError
 from beam_moe.mask import HEADS
 
 INITS = ("zeros", "normal")
-BACKENDS = ("auto", "grouped", "reference", "triton")
+BACKENDS = ("auto", "grouped", "native", "reference", "triton")
 
 
 def _as_float(value: Any) -> float | None:

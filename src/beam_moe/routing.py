@@ -15,7 +15,8 @@ import torch
 from torch import Tensor
 
 from beam_moe.mask import MaskHead, straight_through_mask
-from beam_moe.native import decode_keep, decode_keep_available
+from beam_moe.native import available as native_available
+from beam_moe.native import decode_keep
 
 
 @dataclass
@@ -118,7 +119,7 @@ def _native_decode_applies(
         and ids.numel() < head.out_features
         and not (torch.is_grad_enabled() and head.weight.requires_grad)
         and (not head.router_aware or weights.dtype == torch.float32)
-        and decode_keep_available()
+        and native_available()
     )
 
 

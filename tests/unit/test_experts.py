@@ -49,9 +49,11 @@ def routing(tokens, experts, top_k=2, seed=0, dtype=torch.float32):
     return hidden, ids, weights
 
 
-def test_auto_picks_grouped_on_cpu():
-    assert "grouped" in available_backends()
-    assert get_backend("auto", torch.device("cpu")) is get_backend("grouped")
+def test_auto_picks_native_on_cpu():
+    """The set-up command builds the native op, so "auto" on a CPU is `native` (which hands
+    float32 and non-SwiGLU experts to `grouped`)."""
+    assert {"grouped", "native"} <= set(available_backends())
+    assert get_backend("auto", torch.device("cpu")) is get_backend("native")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -133,7 +135,9 @@ def test_gradients_match_transformers_experts(backend):
 def test_unknown_backend_is_refused():
     from beam_moe import BeamError
 
-    with pytest.raises(BeamError, match="unknown expert backend 'fast'; available: reference, grouped"):
+    with pytest.raises(
+        BeamError, match="unknown expert backend 'fast'; available: reference, grouped, native"
+    ):
         get_backend("fast")
 
 

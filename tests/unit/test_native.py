@@ -8,13 +8,14 @@ import pytest
 import torch
 
 from beam_moe import MaskHead
-from beam_moe.native import decode_keep, decode_keep_available, library_path
+from beam_moe.native import available as native_available
+from beam_moe.native import decode_keep, library_path
 from beam_moe.routing import apply_head, apply_slot_mask
 
 
 @pytest.fixture(scope="module", autouse=True)
 def built():
-    assert decode_keep_available(), f"not built ({library_path()}): run python -m beam_moe.native build"
+    assert native_available(), f"not built ({library_path()}): run python -m beam_moe.native build"
 
 
 def random_head(router_aware: bool, bias: bool, seed: int) -> MaskHead:

@@ -122,7 +122,7 @@ def describe_machine(device: torch.device) -> dict:
     """What ran the benchmark: enough to tell two result files' machines apart."""
     import transformers
 
-    from beam_moe.native import decode_keep_available
+    from beam_moe.native import available as native_available
 
     info = {
         "beam_moe_commit": _commit(),
@@ -134,7 +134,7 @@ def describe_machine(device: torch.device) -> dict:
         "cpu": _cpu_name(),
         "cpu_flags": cpu_flags(),
         "torch_cpu": torch_cpu_support(),
-        "beam_native_decode_op": decode_keep_available(),
+        "beam_native_ops": native_available(),
         "platform": platform.platform(),
     }
     if hasattr(os, "getloadavg"):

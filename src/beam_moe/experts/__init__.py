@@ -4,7 +4,7 @@ A backend (`ExpertBackend`) is called as `backend(weights: ExpertWeights, hidden
 routing_weights [T, K]) -> ExpertsOutput(output [T, H], rows computed, name of the backend that ran)`,
 where ids >= E mark masked pairs that must never be computed. Each backend says whether it can run
 here (`available`) and whether it computes a given call (`supports`, with a reason when not); a call
-it refuses goes to its fallback (triton -> grouped), logged once per reason on the "beam_moe.experts"
+it refuses goes to its fallback (triton -> grouped, native -> grouped), logged once per reason on the "beam_moe.experts"
 logger, and the output names the backend that really ran.
 """
 
@@ -15,6 +15,7 @@ import torch
 from beam_moe.errors import BeamError, require
 from beam_moe.experts.backend import ExpertBackend, Support, log_fallback
 from beam_moe.experts.grouped import grouped_experts, grouped_mm_available
+from beam_moe.experts.native import native_experts, native_runs_on, native_supports
 from beam_moe.experts.reference import reference_experts
 from beam_moe.experts.triton import triton_experts, triton_runs_on, triton_supports
 from beam_moe.experts.weights import ExpertsOutput, ExpertWeights
@@ -31,12 +32,15 @@ GROUPED = ExpertBackend("grouped", grouped_experts, available=_grouped_runs_on)
 TRITON = ExpertBackend(
     "triton", triton_experts, available=triton_runs_on, accepts=triton_supports, fallback=GROUPED
 )
+NATIVE = ExpertBackend(
+    "native", native_experts, available=native_runs_on, accepts=native_supports, fallback=GROUPED
+)
 
-_BACKENDS: dict[str, ExpertBackend] = {b.name: b for b in (REFERENCE, GROUPED, TRITON)}
+_BACKENDS: dict[str, ExpertBackend] = {b.name: b for b in (REFERENCE, GROUPED, TRITON, NATIVE)}
 # Backends that need an optional package: (module, extra that installs it).
 _EXTRAS: dict[str, tuple[str, str]] = {"triton": ("triton", "kernels")}
 _AUTO_ORDER: dict[str, list[str]] = {
-    "cpu": ["grouped", "reference"],
+    "cpu": ["native", "grouped", "reference"],
     "cuda": ["triton", "grouped", "reference"],
 }
 
@@ -90,6 +94,7 @@ def _auto(device: torch.device | None) -> ExpertBackend:
 
 __all__ = [
     "GROUPED",
+    "NATIVE",
     "REFERENCE",
     "TRITON",
     "ExpertBackend",

@@ -1,16 +1,19 @@
-"""beam-moe's native op, `decode_keep` (decode_keep.cpp): the mask decision for a few tokens on a
-CPU in one dispatch, built on this machine from its source.
+"""beam-moe's native ops, built on this machine from their source:
 
-At decode a MoE layer's own weights flush the caches, so every op after them starts cold (about
-50 us each on the 2-core machines we measure on, against 3-10 us warm): the seven small ops of the
-PyTorch path (cast, two row gathers, matrix-vector product, sigmoid, compare, all) cost more than
-the mask head's arithmetic. One op does it all.
+- `decode_keep` (decode_keep.cpp): the mask decision for a few tokens in one dispatch. At decode a
+  MoE layer's own weights flush the caches, so every op after them starts cold (about 50 us each on
+  the 2-core machines we measure on, against 3-10 us warm): the seven small ops of the PyTorch path
+  (cast, two row gathers, matrix-vector product, sigmoid, compare, all) cost more than the mask
+  head's arithmetic. One op does it all.
+- `kept_experts` (kept_experts.cpp): SwiGLU experts on the kept pairs only, in one dispatch, with
+  bf16 weights widened to float32 as they stream (on CPUs without bf16 arithmetic torch's bf16
+  matmul is compute-bound at a few GFLOP/s); the `native` expert backend.
 
-`python -m beam_moe.native build` compiles it (the set-up command runs it; a C++ compiler and
+`python -m beam_moe.native build` compiles them (the set-up command runs it; a C++ compiler and
 ninja, under a minute) into `BEAM_MOE_NATIVE_DIR` (default ~/.cache/beam-moe/native), under a
-name that hashes the source and the torch version. At run time `decode_keep_available()` loads an
-existing build and never compiles; without one, callers take the PyTorch path (the same decisions)
-and the log says how to build.
+name that hashes the sources and the torch version. At run time `available()` loads an existing
+build and never compiles; without one, callers take the PyTorch paths (the same results) and the
+log says how to build.
 """
 
 from __future__ import annotations
@@ -26,14 +29,16 @@ from torch import Tensor
 from beam_moe.errors import BeamError
 from beam_moe.mask import ROUTER_FEATURE_FLOOR, MaskHead
 
-SOURCE = Path(__file__).with_name("decode_keep.cpp")
+SOURCES = [Path(__file__).with_name(name) for name in ("decode_keep.cpp", "kept_experts.cpp")]
 DIRECTORY_ENV = "BEAM_MOE_NATIVE_DIR"
 logger = logging.getLogger("beam_moe.native")
 _loaded: bool | None = None
 
 
 def library_name() -> str:
-    digest = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:12]
+    digest = hashlib.sha256(
+        b"".join(p.read_bytes() for p in SOURCES) + torch.__version__.encode()
+    ).hexdigest()[:12]
     return f"beam_moe_native_{digest}"
 
 
@@ -47,7 +52,8 @@ def library_path() -> Path:
 
 
 def build(verbose: bool = False) -> Path:
-    """Compile the op for this machine's torch (portable flags, no CPU-specific instructions) and load it."""
+    """Compile the ops for this machine's torch and load them. Portable flags: the AVX2 loops are
+    compiled with a target attribute and chosen at run time, so the build runs on any x86 CPU."""
     global _loaded
     from torch.utils.cpp_extension import load
 
@@ -56,7 +62,7 @@ def build(verbose: bool = False) -> Path:
     try:
         load(
             name=library_name(),
-            sources=[str(SOURCE)],
+            sources=[str(p) for p in SOURCES],
             extra_cflags=["-O3"],
             build_directory=str(directory),
             is_python_module=False,
@@ -71,8 +77,8 @@ def build(verbose: bool = False) -> Path:
     return library_path()
 
 
-def decode_keep_available() -> bool:
-    """Whether the op is built for this torch (loaded on the first call; never compiles)."""
+def available() -> bool:
+    """Whether the ops are built for this torch (loaded on the first call; never compiles)."""
     global _loaded
     if _loaded is None:
         path = library_path()
@@ -81,7 +87,7 @@ def decode_keep_available() -> bool:
             torch.ops.load_library(str(path))
         else:
             logger.info(
-                "beam-moe's native decode op is not built (%s); using the PyTorch path. "
+                "beam-moe's native ops are not built (%s); using the PyTorch paths. "
                 "Build it with: python -m beam_moe.native build",
                 path,
             )
@@ -94,7 +100,7 @@ def decode_keep(
     """(soft, keep, all_kept) of `head` for hidden [T, H] (any float dtype) at router ids [T, K]
     (int32 or int64) and one threshold: soft = sigmoid(z_k) float32 [T, K] with z_k as
     `head.slot_logits` computes it, keep = soft >= threshold, and whether every slot is kept. A
-    router-aware head needs the router's float32 Top-K weights. Call `decode_keep_available()` first."""
+    router-aware head needs the router's float32 Top-K weights. Call `available()` first."""
     router = head.router_aware
     return torch.ops.beam_moe.decode_keep(
         hidden,
@@ -107,3 +113,14 @@ def decode_keep(
         head.router_offset if router else None,
         ROUTER_FEATURE_FLOOR,
     )
+
+
+def kept_experts(
+    hidden: Tensor, gate_up: Tensor, down: Tensor, ids: Tensor, weights: Tensor
+) -> tuple[Tensor, int]:
+    """Σ over each token's kept slots of weight · down[e](silu(gate[e] x) · up[e] x) for hidden
+    [T, H] and router ids / weights [T, K], ids >= E masked (never computed); SwiGLU weights as
+    transformers and vLLM store them, contiguous: gate_up [E, 2I, H] (gate rows first), down
+    [E, H, I], bf16. Returns the output [T, H] in hidden's dtype (summed in
+    float32) and the number of kept pairs computed. Call `available()` first."""
+    return torch.ops.beam_moe.kept_experts(hidden, gate_up, down, ids, weights)

@@ -11,7 +11,7 @@ mask decides `keep [T, K]` (beam_moe.routing.apply_head) and only kept pairs are
   token: its kept ids as its top-K'; more: one top-1 row per kept pair, summed back per token).
   vLLM's CPU kernel has no way to skip an id (out-of-range ids write out of bounds), so masked
   pairs are removed before the call, never passed in;
-- `BackendOnCheckpointWeights` ("grouped", "reference", "triton"): a beam-moe expert backend
+- `BackendOnCheckpointWeights` ("grouped", "native", "reference", "triton"): a beam-moe expert backend
   (`beam_moe.experts.get_backend`) on vLLM's w13/w2 views; vLLM's kernel-specific repacking of
   those weights is skipped for the masked layers, so they stay in checkpoint layout.
 
@@ -37,7 +37,7 @@ from beam_moe.errors import BeamError
 from beam_moe.experts import ExpertsOutput, ExpertWeights, available_backends, get_backend
 from beam_moe.mask import MaskHead
 from beam_moe.merged import effective_beam_config, read_merged_config
-from beam_moe.native import decode_keep_available
+from beam_moe.native import available as native_available
 from beam_moe.routing import MaskedRouting, apply_head, to_sentinel
 from beam_moe.serving.vllm import compat
 from beam_moe.serving.vllm.budgets import BUDGET_PROCESSOR, REQUEST_BUDGETS
@@ -198,7 +198,7 @@ def install_beam(model: nn.Module, vllm_config: VllmConfig) -> dict[int, BeamMoE
         )
     executor = _make_executor(config, device_type)
     compiled = device_type != "cpu" or vllm_config.compilation_config.mode != CompilationMode.NONE
-    native_decode = device_type == "cpu" and decode_keep_available()  # routing.apply_head's choice
+    native_decode = device_type == "cpu" and native_available()  # routing.apply_head's choice
     wanted = set(export["mask_layers"])
     runners: dict[int, BeamMoERunner] = {}
     SERVING_STATS.clear(log=get_tensor_model_parallel_rank() == 0)  # ranks see the same masks
