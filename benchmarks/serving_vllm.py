@@ -9,7 +9,8 @@ paper's 1.23, and 2.0). The variants, each served by vLLM (CPU build) in this on
 - `base`: vLLM's fused-MoE kernel on all Top-K pairs;
 - `keep-all`: the plugin with fresh (zero) mask heads, which keep every expert: what BEAM costs;
 - `beam-k<avg-k>`: the plugin with calibrated heads, vLLM's kernel on the kept pairs only;
-- `beam-grouped-k<avg-k>` (on request): the same with beam-moe's grouped backend.
+- `beam-grouped-k<avg-k>`, `beam-native-k<avg-k>` (on request): the same with beam-moe's grouped
+  or native expert backend (on vLLM's w13/w2 in checkpoint layout) instead of vLLM's kernel.
 
 For each batch size B of `--batches` (B concurrent requests of `--input-len` tokens): the time of
 B requests of 1 output token (TTFT) and of `--output-len` tokens; TPOT = (the difference) /
@@ -185,13 +186,24 @@ def decode_bytes(layers: int, experts_read: float, mask_head: bool) -> float:
     return layers * 2 * (attention + router + experts_read * expert)
 
 
+BEAM_BACKENDS = ("grouped", "native")
+"""beam-moe expert backends a `beam-<backend>-k<avg-k>` variant serves with (on the `beam-k<avg-k>` checkpoint)."""
+
+
+def checkpoint_of(variant: str) -> str:
+    for backend in BEAM_BACKENDS:
+        variant = variant.replace(f"beam-{backend}-", "beam-")
+    return variant
+
+
 def start_engine(model: Path, variant: str, args: argparse.Namespace):
     from vllm import LLM
 
     from beam_moe.serving.vllm import WORKER_EXTENSION
 
     beam = variant != "base"
-    overrides = {"beam": {"backend": "grouped"}} if variant.startswith("beam-grouped") else {}
+    backend = next((b for b in BEAM_BACKENDS if variant.startswith(f"beam-{b}-")), None)
+    overrides = {"beam": {"backend": backend}} if backend else {}
     return LLM(
         model=str(model),
         dtype="bfloat16",
@@ -425,7 +437,7 @@ def ratios(results: dict, read: dict, bandwidth: float, args: argparse.Namespace
     """Floors per variant and batch size, and each BEAM variant against the base."""
     floors = {}
     for variant in results:
-        counted = dict(read[variant.replace("beam-grouped", "beam")])
+        counted = dict(read[checkpoint_of(variant)])
         served = results[variant].get("beam_counters_last_round", {}).get("avg_k")
         if served is not None and variant != "keep-all":
             # The engine's own Avg-K replaces the estimate from transformers' random text; the
@@ -488,7 +500,8 @@ def main() -> None:
     parser.add_argument(
         "--variants",
         default="base,keep-all,beam",
-        help="base, keep-all, beam (one per --avg-k), beam-grouped (the same with beam-moe's grouped backend)",
+        help="base, keep-all, beam (one per --avg-k), beam-grouped, beam-native (the same with beam-moe's "
+        "grouped or native expert backend)",
     )
     parser.add_argument("--work", type=Path, default=Path("/tmp/beam-moe-bench-serving"))
     parser.add_argument("--output", type=Path, default=ROOT / "results" / "serving_vllm.json")
@@ -518,12 +531,12 @@ def main() -> None:
     folders, read = build_checkpoints(args.work, args.layers, args.avg_k, args.batches, args.seed)
     variants = []
     for name in args.variants.split(","):
-        if name in ("beam", "beam-grouped"):
+        if name == "beam" or name in (f"beam-{b}" for b in BEAM_BACKENDS):
             variants += [f"{name}-k{k}" for k in args.avg_k]
         elif name in ("base", "keep-all"):
             variants.append(name)
         else:
-            parser.error(f"unknown variant {name!r}; use base, keep-all, beam, beam-grouped")
+            parser.error(f"unknown variant {name!r}; use base, keep-all, beam, beam-grouped, beam-native")
     bandwidth = [copy_bandwidth()]
     generator = torch.Generator().manual_seed(1234)
     samples: dict[str, list] = {v: [] for v in variants}
@@ -566,7 +579,7 @@ def main() -> None:
             if len(samples[variant]) > round_:
                 continue
             begin = time.perf_counter()
-            llm = start_engine(folders[variant.replace("beam-grouped", "beam")], variant, args)
+            llm = start_engine(folders[checkpoint_of(variant)], variant, args)
             startup[variant].append(time.perf_counter() - begin)
             try:
                 samples[variant].append(measure_round(llm, variant, args, generator))
