@@ -1,6 +1,7 @@
 """The benchmarks run end to end on tiny shapes and report what the issue asks for; bad input is refused."""
 
 import json
+import shlex
 
 import pytest
 import torch
@@ -143,6 +144,7 @@ def test_generate_bench_end_to_end(test_model, capsys, tmp_path):
     assert main([*argv, "--output", str(tmp_path / "generate.json")]) == 0
     document = json.loads(capsys.readouterr().out)
     assert document == json.loads((tmp_path / "generate.json").read_text())
+    assert document["command"] == shlex.join(["beam-moe", *argv, "--output", str(tmp_path / "generate.json")])
     assert (document["input_len"], document["output_len"], document["moe_layers"]) == (16, 4, 2)
     for row, batch in zip(document["results"], [1, 2], strict=True):
         assert row["batch_size"] == batch

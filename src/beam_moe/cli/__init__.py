@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import pkgutil
+import shlex
 import sys
 import traceback
 import warnings
@@ -107,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     threads.prepare_environment()
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.command_line = shlex.join(["beam-moe", *argv])  # result files record what produced them
     where = f"beam-moe {args.command}"
     shown = warnings.showwarning
 

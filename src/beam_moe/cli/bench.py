@@ -104,6 +104,7 @@ def _check_output(args: argparse.Namespace) -> None:
 
 
 def _emit(document: dict, args: argparse.Namespace, table: list[str]) -> None:
+    document = {"command": args.command_line, **document}
     text = json.dumps(document, indent=2)
     if args.output:
         from beam_moe.atomic import atomic_write_text
