@@ -25,6 +25,12 @@ of B tokens drawn from them), then scaled by the Avg-K the engine itself served 
 there. Reported per variant and B: TPOT / floor, and for BEAM the ideal
 speed-up (base floor / BEAM floor) next to the measured one (base TPOT / BEAM TPOT).
 
+The roofline is the same step when the dense projections and the experts each also take at least
+their FLOPs over the GEMM rate measured in the run (the faster of bf16 and float32, `gemm_rate`).
+On a CPU without bf16 arithmetic vLLM's bf16 projections are compute-bound at batch 8 (a profile
+there: 54 ms of a 2-layer step for 76 MB of weights), which bytes alone cannot see; both ideals and
+shares are reported.
+
 Separate engines differ by more than BEAM on a shared machine (two rounds moved the base TPOT by
 10-30%), so `--paired N` also measures what the BEAM step costs inside the keep-all engine: N pairs
 of consecutive decode steps per batch size, one with its BEAM runners switched off (vLLM's own
@@ -175,15 +181,49 @@ def copy_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:
     return 2 * source.numel() * 4 / statistics.median(times)
 
 
-def decode_bytes(layers: int, experts_read: float, mask_head: bool) -> float:
-    """Weight bytes (bf16) one decode step must read: attention, router, mask head, the experts read."""
+def gemm_rate() -> float:
+    """FLOP/s of the faster of a bf16 and a float32 GEMM (about 50 ms each): the compute ceiling a
+    kernel that widens bf16 as it loads can reach on a CPU without bf16 arithmetic."""
+    from beam_moe.bench.machine import measure_limits
+
+    return measure_limits(torch.device("cpu"), torch.bfloat16, repeats=5, nbytes=64 << 20).gemm_tflops * 1e12
+
+
+def _layer_parameters(mask_head: bool) -> tuple[int, int]:
+    """(dense, one expert) parameters of a layer: attention and router (and mask head), and 3HI."""
     from beam_moe.presets import get_preset
 
     p = get_preset(PRESET)
     attention = p.hidden_size * (32 * 128 + 2 * 4 * 128) + 32 * 128 * p.hidden_size
     router = p.num_experts * p.hidden_size * (2 if mask_head else 1)
-    expert = 3 * p.hidden_size * p.expert_intermediate
-    return layers * 2 * (attention + router + experts_read * expert)
+    return attention + router, 3 * p.hidden_size * p.expert_intermediate
+
+
+def decode_bytes(layers: int, experts_read: float, mask_head: bool) -> float:
+    """Weight bytes (bf16) one decode step must read: attention, router, mask head, the experts read."""
+    dense, expert = _layer_parameters(mask_head)
+    return layers * 2 * (dense + experts_read * expert)
+
+
+def decode_roofline_s(
+    layers: int,
+    batch: int,
+    experts_read: float,
+    pairs_per_token: float,
+    mask_head: bool,
+    bandwidth: float,
+    rate: float,
+) -> float:
+    """Seconds of one decode step when the dense projections (attention, router, mask head) and the
+    experts each take the longer of reading their weights and computing their FLOPs (the mask
+    head's few rows per token are left out of the FLOPs: a stricter floor). On a CPU whose bf16
+    GEMMs are slow for their bytes (AVX2) the dense part of a batch-8 step is compute-bound, which
+    the bytes-only floor cannot see."""
+    dense, expert = _layer_parameters(mask_head)
+    dense_flops, _ = _layer_parameters(mask_head=False)
+    dense_s = max(2 * dense / bandwidth, 2 * batch * dense_flops / rate)
+    experts_s = max(2 * experts_read * expert / bandwidth, 2 * batch * pairs_per_token * expert / rate)
+    return layers * (dense_s + experts_s)
 
 
 BEAM_BACKENDS = ("grouped", "native")
@@ -400,8 +440,9 @@ def paired_summary(pairs: list[dict]) -> dict:
 def markdown_table(document: dict) -> str:
     """The result file as the table the docs show (`--report FILE` prints it)."""
     lines = [
-        "| variant | batch | TTFT | TPOT | throughput | TPOT / floor | vs base: TPOT (ideal, share) | throughput |",
-        "|---|---|---|---|---|---|---|---|",
+        "| variant | batch | TTFT | TPOT | throughput | TPOT / floor | vs base: TPOT (ideal, share) | throughput "
+        "| TPOT / roofline | roofline ideal, share |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for variant, per_batch in document["results"].items():
         for batch, row in per_batch.items():
@@ -414,9 +455,18 @@ def markdown_table(document: dict) -> str:
                 if ratio
                 else "— | —"
             )
+            if "tpot_over_roofline" not in row:  # files from before the roofline have none
+                roofline = "— | —"
+            elif ratio:
+                roofline = (
+                    f"{row['tpot_over_roofline']:.2f} | "
+                    f"{ratio['roofline_ideal_tpot_speedup']:.2f}x, {ratio['share_of_roofline_ideal']:.0%}"
+                )
+            else:
+                roofline = f"{row['tpot_over_roofline']:.2f} | —"
             lines.append(
                 f"| {variant} | {batch} | {row['ttft_ms'] / 1000:.2f} s | {row['tpot_ms']:.0f} ms "
-                f"| {row['throughput_tok_s']:.1f} tok/s | {row['tpot_over_floor']:.2f} | {versus} |"
+                f"| {row['throughput_tok_s']:.1f} tok/s | {row['tpot_over_floor']:.2f} | {versus} | {roofline} |"
             )
     paired = document.get("keep_all_paired")
     if paired:
@@ -433,12 +483,13 @@ def markdown_table(document: dict) -> str:
     return "\n".join(lines)
 
 
-def ratios(results: dict, read: dict, bandwidth: float, args: argparse.Namespace) -> dict:
-    """Floors per variant and batch size, and each BEAM variant against the base."""
-    floors = {}
+def ratios(results: dict, read: dict, bandwidth: float, rate: float, args: argparse.Namespace) -> dict:
+    """Floors (bytes, and the roofline) per variant and batch size, and each BEAM variant against the base."""
+    floors, rooflines = {}, {}
     for variant in results:
         counted = dict(read[checkpoint_of(variant)])
         served = results[variant].get("beam_counters_last_round", {}).get("avg_k")
+        pairs_per_token = served if served is not None else 8.0
         if served is not None and variant != "keep-all":
             # The engine's own Avg-K replaces the estimate from transformers' random text; the
             # distinct experts of B tokens scale with it (linearly: a lower, stricter floor).
@@ -448,11 +499,20 @@ def ratios(results: dict, read: dict, bandwidth: float, args: argparse.Namespace
             str(b): 1e3 * decode_bytes(args.layers, counted[str(b)], variant != "base") / bandwidth
             for b in args.batches
         }
+        rooflines[variant] = {
+            str(b): 1e3
+            * decode_roofline_s(
+                args.layers, b, counted[str(b)], pairs_per_token, variant != "base", bandwidth, rate
+            )
+            for b in args.batches
+        }
         for b in args.batches:
             row = results[variant][str(b)]
             row["decode_floor_ms"] = floors[variant][str(b)]
+            row["decode_roofline_ms"] = rooflines[variant][str(b)]
             row["experts_read_per_layer"] = counted[str(b)]
             row["tpot_over_floor"] = row["tpot_ms"] / row["decode_floor_ms"]
+            row["tpot_over_roofline"] = row["tpot_ms"] / row["decode_roofline_ms"]
     summary = {}
     if "base" not in results:
         return summary
@@ -464,10 +524,13 @@ def ratios(results: dict, read: dict, bandwidth: float, args: argparse.Namespace
             base, row = results["base"][str(b)], results[variant][str(b)]
             measured = base["tpot_ms"] / row["tpot_ms"]
             ideal = floors["base"][str(b)] / floors[variant][str(b)]
+            roofline_ideal = rooflines["base"][str(b)] / rooflines[variant][str(b)]
             summary[variant][str(b)] = {
                 "tpot_speedup": measured,
                 "ideal_tpot_speedup": ideal,
                 "share_of_ideal": measured / ideal,
+                "roofline_ideal_tpot_speedup": roofline_ideal,
+                "share_of_roofline_ideal": measured / roofline_ideal,
                 "throughput_speedup": row["throughput_tok_s"] / base["throughput_tok_s"],
                 "ttft_speedup": base["ttft_ms"] / row["ttft_ms"],
                 "tpot_over_floor": row["tpot_over_floor"],
@@ -537,7 +600,7 @@ def main() -> None:
             variants.append(name)
         else:
             parser.error(f"unknown variant {name!r}; use base, keep-all, beam, beam-grouped, beam-native")
-    bandwidth = [copy_bandwidth()]
+    bandwidth, rates = [copy_bandwidth()], [gemm_rate()]
     generator = torch.Generator().manual_seed(1234)
     samples: dict[str, list] = {v: [] for v in variants}
     startup: dict[str, list] = {v: [] for v in variants}
@@ -570,6 +633,7 @@ def main() -> None:
             samples[variant] = earlier.get("samples", {}).get(variant, [])[: args.rounds]
             startup[variant] = earlier.get("startup_s", {}).get(variant, [])[: args.rounds]
         bandwidth = [b * 1e9 for b in earlier.get("copy_bandwidth_gb_s", [])] + bandwidth
+        rates = [r * 1e9 for r in earlier.get("gemm_gflop_s", [])] + rates
         print(
             f"resuming: {sum(map(len, samples.values()))} engine rounds kept from {args.output}", flush=True
         )
@@ -594,14 +658,16 @@ def main() -> None:
                 **document,
                 "partial": True,
                 "copy_bandwidth_gb_s": [b / 1e9 for b in bandwidth],
+                "gemm_gflop_s": [r / 1e9 for r in rates],
                 "samples": samples,
                 "startup_s": startup,
             }
             args.output.write_text(json.dumps(partial, indent=2) + "\n")
     bandwidth.append(copy_bandwidth())
+    rates.append(gemm_rate())
     results = {v: {**summarise(samples[v], args), "startup_s": startup[v]} for v in variants}
     best = max(bandwidth)  # the faster copy gives the lower floor: the stricter comparison
-    summary = ratios(results, read, best, args)
+    summary = ratios(results, read, best, max(rates), args)
     paired = [r["paired"] for r in samples.get("keep-all", []) if "paired" in r]
     if paired:
         document["keep_all_paired"] = {
@@ -611,6 +677,8 @@ def main() -> None:
         {
             "copy_bandwidth_gb_s": [b / 1e9 for b in bandwidth],
             "floor_bandwidth_gb_s": best / 1e9,
+            "gemm_gflop_s": [r / 1e9 for r in rates],
+            "roofline_gemm_gflop_s": max(rates) / 1e9,
             "rounds": args.rounds,
             "summary": summary,
             "results": results,
