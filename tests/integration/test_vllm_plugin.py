@@ -63,6 +63,12 @@ def vllm_results(checkpoints, tmp_path_factory):
             checkpoints["trained"],
             hf_overrides={"beam": {"threshold": 0.6, "backend": "grouped"}},
         ),
+        case(
+            "native",
+            checkpoints["trained"],
+            dtype="bfloat16",
+            hf_overrides={"beam": {"backend": "native"}},
+        ),
         case("fresh", checkpoints["fresh"]),
         case("base", checkpoints["base"], beam=False),
         *[case(family, checkpoints[family], **dtype(family)) for family in OTHER_FAMILIES],
@@ -205,6 +211,21 @@ def test_mla_families_serve_with_masks(family, checkpoints, vllm_results):
     assert served["attention"] == [expected_mla_backend()]
     assert_experts_ran_on(served, "vllm")
     model = from_pretrained(checkpoints[family], dtype=MLA_DTYPE)
+    stats = transformers_stats(model, PROMPTS, served["tokens"])
+    assert served["stats"]["tokens"] == stats.tokens
+    assert served["stats"]["computed_rows"] == served["stats"]["kept_pairs"]
+    assert abs(served["stats"]["kept_pairs"] - stats.kept_pairs) <= 0.05 * stats.routed_pairs
+    assert served["stats"]["kept_pairs"] < 0.9 * stats.routed_pairs
+
+
+def test_native_backend_serves_bf16_experts(checkpoints, vllm_results):
+    """`beam.backend: native` runs beam-moe's C++ expert op on vLLM's bf16 weights (checkpoint
+    layout) in every BEAM layer and call, with no fallback. In bf16 vLLM's attention and
+    transformers' round differently, so, as for the MLA families, the masks are compared with
+    transformers' (bf16) on the tokens vLLM produced."""
+    served = outcome(vllm_results, "native")
+    assert_experts_ran_on(served, "native")
+    model = from_pretrained(checkpoints["trained"], dtype=torch.bfloat16)
     stats = transformers_stats(model, PROMPTS, served["tokens"])
     assert served["stats"]["tokens"] == stats.tokens
     assert served["stats"]["computed_rows"] == served["stats"]["kept_pairs"]
