@@ -72,6 +72,12 @@ def test_matches_the_reference_backend(hidden, intermediate, tokens, id_dtype):
     assert relative_error(out, reference.output) < 1e-2, "bf16 rounding, not a different function"
 
 
+def test_the_library_is_built_with_openmp():
+    """at::parallel_for is an OpenMP pragma in ATen's headers: built without -fopenmp, the experts
+    op would run on one thread whatever torch.set_num_threads says, and call no OpenMP runtime."""
+    assert b"GOMP_parallel" in library_path().read_bytes()
+
+
 def test_many_tokens_on_one_expert_match_one_at_a_time():
     """Tokens are multiplied with a weight row three at a time: 7 tokens on one expert (chunks of
     3, 3, 1) give each token what it gets alone, up to float32 summation order."""

@@ -35,9 +35,16 @@ logger = logging.getLogger("beam_moe.native")
 _loaded: bool | None = None
 
 
+COMPILE_FLAGS = ["-O3", "-fopenmp"]
+"""-fopenmp: at::parallel_for is an OpenMP pragma in ATen's headers, so without it the experts op
+runs on one thread whatever torch.set_num_threads says (libgomp is torch's own, already loaded)."""
+
+
 def library_name() -> str:
     digest = hashlib.sha256(
-        b"".join(p.read_bytes() for p in SOURCES) + torch.__version__.encode()
+        b"".join(p.read_bytes() for p in SOURCES)
+        + torch.__version__.encode()
+        + " ".join(COMPILE_FLAGS).encode()
     ).hexdigest()[:12]
     return f"beam_moe_native_{digest}"
 
@@ -63,7 +70,8 @@ def build(verbose: bool = False) -> Path:
         load(
             name=library_name(),
             sources=[str(p) for p in SOURCES],
-            extra_cflags=["-O3"],
+            extra_cflags=COMPILE_FLAGS,
+            extra_ldflags=["-fopenmp"],
             build_directory=str(directory),
             is_python_module=False,
             verbose=verbose,
