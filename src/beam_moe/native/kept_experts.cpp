@@ -8,7 +8,7 @@
 // as long as one. Here each weight row is widened to float32 as it is loaded and multiplied with up
 // to three tokens at once (the row stays in L1 between them), so the weights stream at the memory's
 // rate at any token count; and the whole layer is one dispatch instead of a dozen cold small ops.
-// Intermediates are rounded to the weights' dtype where torch's bf16 matmul would round them, so
+// Intermediates are rounded to bf16 where torch's bf16 matmul would round them, so
 // the result matches the `grouped` backend to bf16 rounding.
 //
 // Portable: the AVX2 + FMA path is compiled with a target attribute and chosen at run time; other
@@ -32,29 +32,28 @@ namespace {
 constexpr int64_t kRows = 4;    // weight rows per block
 constexpr int64_t kTokens = 3;  // tokens multiplied with a block at once
 
-inline float widen(at::BFloat16 v) { return static_cast<float>(v); }
+using bf16 = at::BFloat16;
 
 // y[m, n] = sum_h W[n, h] * x[m, h] for n in [n0, n1), m < tokens (<= kTokens); portable loops.
-template <typename weight_t>
-void rows_times_tokens_plain(const weight_t* W, int64_t depth, const float* x, int64_t tokens,
+void rows_times_tokens_plain(const bf16* W, int64_t depth, const float* x, int64_t tokens,
                              float* y, int64_t y_stride, int64_t n0, int64_t n1) {
   for (int64_t n = n0; n < n1; ++n) {
-    const weight_t* row = W + n * depth;
+    const bf16* row = W + n * depth;
     for (int64_t m = 0; m < tokens; ++m) {
       const float* xm = x + m * depth;
       float acc[4] = {0.f, 0.f, 0.f, 0.f};
       int64_t h = 0;
       for (; h + 4 <= depth; h += 4) {
-        for (int j = 0; j < 4; ++j) acc[j] += widen(row[h + j]) * xm[h + j];
+        for (int j = 0; j < 4; ++j) acc[j] += static_cast<float>(row[h + j]) * xm[h + j];
       }
-      for (; h < depth; ++h) acc[0] += widen(row[h]) * xm[h];
+      for (; h < depth; ++h) acc[0] += static_cast<float>(row[h]) * xm[h];
       y[m * y_stride + n] = (acc[0] + acc[1]) + (acc[2] + acc[3]);
     }
   }
 }
 
 #ifdef BEAM_X86
-__attribute__((target("avx2,fma"))) inline __m256 load8(const at::BFloat16* p) {
+__attribute__((target("avx2,fma"))) inline __m256 load8(const bf16* p) {
   const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
 }
@@ -67,13 +66,13 @@ __attribute__((target("avx2,fma"))) inline float sum8(__m256 v) {
 }
 
 // One block: kRows weight rows times TOKENS tokens, depth % 8 == 0.
-template <int TOKENS, typename weight_t>
-__attribute__((target("avx2,fma"))) void block_avx2(const weight_t* W, int64_t depth, const float* x,
+template <int TOKENS>
+__attribute__((target("avx2,fma"))) void block_avx2(const bf16* W, int64_t depth, const float* x,
                                                     float* y, int64_t y_stride, int64_t n) {
   __m256 acc[kRows][TOKENS];
   for (int r = 0; r < kRows; ++r)
     for (int m = 0; m < TOKENS; ++m) acc[r][m] = _mm256_setzero_ps();
-  const weight_t* row = W + n * depth;
+  const bf16* row = W + n * depth;
   for (int64_t h = 0; h < depth; h += 8) {
     __m256 xs[TOKENS];
     for (int m = 0; m < TOKENS; ++m) xs[m] = _mm256_loadu_ps(x + m * depth + h);
@@ -86,8 +85,7 @@ __attribute__((target("avx2,fma"))) void block_avx2(const weight_t* W, int64_t d
     for (int m = 0; m < TOKENS; ++m) y[m * y_stride + n + r] = sum8(acc[r][m]);
 }
 
-template <typename weight_t>
-__attribute__((target("avx2,fma"))) void rows_times_tokens_avx2(const weight_t* W, int64_t depth,
+__attribute__((target("avx2,fma"))) void rows_times_tokens_avx2(const bf16* W, int64_t depth,
                                                                 const float* x, int64_t tokens,
                                                                 float* y, int64_t y_stride,
                                                                 int64_t n0, int64_t n1) {
@@ -107,15 +105,14 @@ bool cpu_has_avx2_fma() {
 #endif
 
 // y[m, :] = W x[m] for all m < tokens (any count): token chunks of kTokens, rows split across threads.
-template <typename weight_t>
-void matmul_rows(const weight_t* W, int64_t rows, int64_t depth, const float* x, int64_t tokens, float* y) {
+void matmul_rows(const bf16* W, int64_t rows, int64_t depth, const float* x, int64_t tokens, float* y) {
 #ifdef BEAM_X86
   const bool vector = cpu_has_avx2_fma() && depth % 8 == 0;
 #else
   const bool vector = false;
 #endif
   const int64_t blocks = (rows + kRows - 1) / kRows;
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / (kRows * depth));  // ~256 KB of bf16 a task
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / (kRows * depth));  // ~128 KB of weights a task
   at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
                      const int64_t n0 = b0 * kRows, n1 = std::min(rows, b1 * kRows);
                      for (int64_t m = 0; m < tokens; m += kTokens) {
@@ -131,13 +128,11 @@ void matmul_rows(const weight_t* W, int64_t rows, int64_t depth, const float* x,
                    });
 }
 
-template <typename weight_t>
-inline float round_like(float v) {
-  return static_cast<float>(static_cast<weight_t>(v));
-}
+// What torch's bf16 matmul and activation store: float32 rounded to bf16.
+inline float round_bf16(float v) { return static_cast<float>(static_cast<bf16>(v)); }
 
-template <typename weight_t, typename hidden_t, typename index_t>
-int64_t run(const hidden_t* hidden, const weight_t* gate_up, const weight_t* down, const index_t* ids,
+template <typename hidden_t, typename index_t>
+int64_t run(const hidden_t* hidden, const bf16* gate_up, const bf16* down, const index_t* ids,
          const float* slot_weights, float* out, int64_t tokens, int64_t top_k, int64_t hidden_size,
          int64_t intermediate, int64_t experts) {
   // kept pairs grouped by expert (counting sort; slot order within an expert)
@@ -170,10 +165,10 @@ int64_t run(const hidden_t* hidden, const weight_t* gate_up, const weight_t* dow
     matmul_rows(gate_up + e * two_i * hidden_size, two_i, hidden_size, x.data(), rows, g.data());
     for (int64_t m = 0; m < rows; ++m) {
       for (int64_t i = 0; i < intermediate; ++i) {
-        const float gate = round_like<weight_t>(g[m * two_i + i]);
-        const float up = round_like<weight_t>(g[m * two_i + intermediate + i]);
-        const float silu = round_like<weight_t>(gate / (1.f + std::exp(-gate)));
-        a[m * intermediate + i] = round_like<weight_t>(silu * up);
+        const float gate = round_bf16(g[m * two_i + i]);
+        const float up = round_bf16(g[m * two_i + intermediate + i]);
+        const float silu = round_bf16(gate / (1.f + std::exp(-gate)));
+        a[m * intermediate + i] = round_bf16(silu * up);
       }
     }
     matmul_rows(down + e * hidden_size * intermediate, hidden_size, intermediate, a.data(), rows, y.data());
@@ -181,7 +176,7 @@ int64_t run(const hidden_t* hidden, const weight_t* gate_up, const weight_t* dow
       const int64_t s = slots[first + m];
       const float w = slot_weights[s];
       float* dst = out + (s / top_k) * hidden_size;
-      for (int64_t h = 0; h < hidden_size; ++h) dst[h] += w * round_like<weight_t>(y[m * hidden_size + h]);
+      for (int64_t h = 0; h < hidden_size; ++h) dst[h] += w * round_bf16(y[m * hidden_size + h]);
     }
   }
   return count[experts];
@@ -214,7 +209,7 @@ std::tuple<at::Tensor, int64_t> kept_experts(const at::Tensor& hidden, const at:
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "kept_experts", [&] {
     using hidden_t = scalar_t;
     AT_DISPATCH_INDEX_TYPES(i.scalar_type(), "kept_experts_ids", [&] {
-      rows = run(x.data_ptr<hidden_t>(), gate_up.data_ptr<at::BFloat16>(), down.data_ptr<at::BFloat16>(),
+      rows = run(x.data_ptr<hidden_t>(), gate_up.data_ptr<bf16>(), down.data_ptr<bf16>(),
                  i.data_ptr<index_t>(), w.data_ptr<float>(), out.data_ptr<float>(), tokens, top_k,
                  hidden_size, intermediate, experts);
     });
