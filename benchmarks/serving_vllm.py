@@ -26,10 +26,10 @@ there. Reported per variant and B: TPOT / floor, and for BEAM the ideal
 speed-up (base floor / BEAM floor) next to the measured one (base TPOT / BEAM TPOT).
 
 The roofline is the same step when the dense projections and the experts each also take at least
-their FLOPs over the GEMM rate measured in the run (the faster of bf16 and float32, `gemm_rate`).
-On a CPU without bf16 arithmetic vLLM's bf16 projections are compute-bound at batch 8 (a profile
-there: 54 ms of a 2-layer step for 76 MB of weights), which bytes alone cannot see; both ideals and
-shares are reported.
+their FLOPs over the GEMM rate measured in the run (the faster of bf16 and float32, `gemm_rate`):
+whether the hardware's compute, not only its bandwidth, bounds a step. Both ideals and shares are
+reported. (On an AVX2-only EPYC the float32 rate keeps the dense part nearly bytes-bound, so there
+the distance at batch 8 is torch's bf16 kernels in vLLM's projections, not the hardware.)
 
 Separate engines differ by more than BEAM on a shared machine (two rounds moved the base TPOT by
 10-30%), so `--paired N` also measures what the BEAM step costs inside the keep-all engine: N pairs
@@ -216,9 +216,7 @@ def decode_roofline_s(
 ) -> float:
     """Seconds of one decode step when the dense projections (attention, router, mask head) and the
     experts each take the longer of reading their weights and computing their FLOPs (the mask
-    head's few rows per token are left out of the FLOPs: a stricter floor). On a CPU whose bf16
-    GEMMs are slow for their bytes (AVX2) the dense part of a batch-8 step is compute-bound, which
-    the bytes-only floor cannot see."""
+    head's few rows per token are left out of the FLOPs: a stricter floor)."""
     dense, expert = _layer_parameters(mask_head)
     dense_flops, _ = _layer_parameters(mask_head=False)
     dense_s = max(2 * dense / bandwidth, 2 * batch * dense_flops / rate)
@@ -485,11 +483,13 @@ def markdown_table(document: dict) -> str:
 
 def ratios(results: dict, read: dict, bandwidth: float, rate: float, args: argparse.Namespace) -> dict:
     """Floors (bytes, and the roofline) per variant and batch size, and each BEAM variant against the base."""
+    from beam_moe.presets import get_preset
+
     floors, rooflines = {}, {}
     for variant in results:
         counted = dict(read[checkpoint_of(variant)])
         served = results[variant].get("beam_counters_last_round", {}).get("avg_k")
-        pairs_per_token = served if served is not None else 8.0
+        pairs_per_token = served if served is not None else float(get_preset(PRESET).top_k)
         if served is not None and variant != "keep-all":
             # The engine's own Avg-K replaces the estimate from transformers' random text; the
             # distinct experts of B tokens scale with it (linearly: a lower, stricter floor).
