@@ -146,8 +146,11 @@ def test_supports_does_not_lie_on_real_experts(model_type):
     weights, a backward pass) the call runs on `grouped` and is still right."""
     experts = experts_of(model_type)
     weights = ExpertWeights.of(experts)
+    # no more slots than experts: decode-sized, which `native` computes on every CPU (where the CPU
+    # has bf16 arithmetic, prefill-sized calls go to `grouped`)
+    tokens = experts.num_experts // 2
     x, ids, routing, _ = masked_routing(
-        9, experts.num_experts, 2, weights.hidden_size, seed=7, kept_share=0.6
+        tokens, experts.num_experts, 2, weights.hidden_size, seed=7, kept_share=0.6
     )
     expected = REFERENCE.compute(weights, x, ids, routing).output
     ok, reason = NATIVE.supports(weights, CPU)
@@ -184,7 +187,10 @@ def test_auto_runs_native_on_a_bf16_model_and_stats_name_it():
     beam = attach(model, BeamConfig())
     randomize_heads(beam, seed=2)
     randomize_heads(reference, seed=2)
-    tokens = torch.randint(0, model.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(9))
+    length = model.config.num_experts // model.config.num_experts_per_tok  # decode-sized on every CPU
+    tokens = torch.randint(
+        0, model.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(9)
+    )
     with torch.no_grad(), beam_stats(beam) as stats:
         native_logits = beam(tokens).logits
     assert stats.backends == {name: {"native": 1} for name in stats.layer_names}
