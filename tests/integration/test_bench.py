@@ -7,10 +7,12 @@ import pytest
 import torch
 
 from beam_moe.bench import machine
-from beam_moe.bench.layer import bench_layer, exact_keep
+from beam_moe.bench.layer import bench_layer, exact_keep, fit_head
 from beam_moe.bench.machine import measure_limits
 from beam_moe.bench.synthetic import build_test_model, preset_config
 from beam_moe.cli import main
+from beam_moe.errors import BeamError
+from beam_moe.mask import MaskHead
 from beam_moe.presets import MoEPreset
 
 TINY = MoEPreset("tiny-qwen3", 64, 32, 8, 2, 0, 1, "qwen3_moe")
@@ -81,6 +83,26 @@ def test_masks_keep_exactly_the_asked_number_of_pairs():
     for tokens, kept in [(1, 1), (8, 10), (512, 630), (3, 0)]:
         keep = exact_keep(tokens, 8, kept, generator)
         assert keep.shape == (tokens, 8) and int(keep.sum()) == kept
+
+
+@pytest.mark.parametrize("tokens", [1, 8, 40])
+def test_a_fitted_head_decides_the_draws_mask(tokens):
+    """The layer bench runs BEAM under a head fitted to each draw's random mask, so the head's own
+    decision (what serving runs) must be exactly that mask."""
+    generator = torch.Generator().manual_seed(tokens)
+    hidden = torch.randn(tokens, 64, generator=generator).to(torch.bfloat16)
+    ids = torch.rand(tokens, 16, generator=generator).topk(4, dim=1).indices
+    keep = exact_keep(tokens, 4, max(1, tokens), generator)
+    head = MaskHead(64, 16)
+    fit_head(head, hidden, ids, keep)
+    decided = torch.sigmoid(head.slot_logits(hidden, ids)) >= 0.5
+    assert torch.equal(decided, keep)
+
+
+def test_fitting_a_head_to_more_tokens_than_its_width_is_refused():
+    ids = torch.zeros(70, 1, dtype=torch.long)
+    with pytest.raises(BeamError, match="70 tokens route to expert 0"):
+        fit_head(MaskHead(64, 4), torch.randn(70, 64), ids, torch.ones(70, 1, dtype=torch.bool))
 
 
 def test_preset_configs_have_the_real_layer_sizes():

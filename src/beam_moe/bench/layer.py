@@ -6,7 +6,9 @@ Per token count T, in one process and interleaved call by call (see `timing.inte
 - BEAM at Top-K with every expert kept (the mask head, masked routing and the BEAM backend);
 - BEAM with masks that keep exactly round(avg_k * T) pairs.
 Each draw is fresh random hidden states (so fresh routing) and a fresh mask; calls rotate over the
-draws, so back-to-back calls read different experts and caches do not flatter anyone.
+draws, so back-to-back calls read different experts and caches do not flatter anyone. The mask is
+the draw's mask head's own decision: each draw gets a head fitted to its random mask (`fit_head`),
+so BEAM runs exactly the path it serves with (a head, its decision, the masked experts).
 
 The floor for a draw is the larger of (bytes of the expert weights that must be read, plus the
 activations) / copy bandwidth and (FLOPs of the kept pairs) / GEMM rate. Both ceilings are
@@ -42,7 +44,6 @@ from beam_moe.families import family_for
 from beam_moe.layer import BeamMoELayer
 from beam_moe.mask import MaskHead
 from beam_moe.presets import MoEPreset
-from beam_moe.routing import apply_head
 from beam_moe.stats import BeamStats
 
 HF_IMPLEMENTATIONS = ("eager", "grouped_mm", "batched_mm")
@@ -51,12 +52,38 @@ HF_IMPLEMENTATIONS = ("eager", "grouped_mm", "batched_mm")
 @dataclass
 class Draw:
     """One random input: hidden states [1, T, H] (on the device), the router's Top-K ids and a mask
-    over them (on the CPU, for the floor), and the same mask on the device."""
+    over them (on the CPU, for the floor), and a mask head whose decision on this input is that mask."""
 
     hidden: Tensor
     ids: Tensor
     keep: Tensor
-    keep_on_device: Tensor
+    head: MaskHead
+
+
+FIT_MARGIN = 4.0
+"""|z| of a fitted head's logits at the Top-K slots: sigmoid(4) = 0.98, far from the threshold."""
+
+
+def fit_head(head: MaskHead, hidden: Tensor, ids: Tensor, keep: Tensor) -> None:
+    """Set `head` (float32 [E, H], fresh) so that its decision on hidden [T, H] at ids [T, K] is `keep`:
+    for each expert, the least-norm row w with x_t . w = +margin where a token keeps it and -margin
+    where it drops it (exact while an expert has fewer routed tokens than H, i.e. any T * K < E * H).
+    Rows of experts no token routes to stay 0."""
+    x = hidden.reshape(-1, head.in_features).to(torch.float64).cpu()
+    ids, keep = ids.cpu(), keep.cpu()
+    weight = torch.zeros(head.out_features, head.in_features, dtype=torch.float64)
+    for expert in torch.unique(ids).tolist():
+        tokens, slots = (ids == expert).nonzero(as_tuple=True)
+        if tokens.numel() >= head.in_features:
+            raise BeamError(
+                f"{tokens.numel()} tokens route to expert {expert}, too many to fit a mask head of width "
+                f"{head.in_features} to a random mask; bench fewer --tokens"
+            )
+        target = torch.where(keep[tokens, slots], FIT_MARGIN, -FIT_MARGIN).to(torch.float64)
+        rows = x[tokens]
+        weight[expert] = rows.T @ torch.linalg.solve(rows @ rows.T, target)
+    with torch.no_grad():
+        head.weight.copy_(weight.to(head.weight.dtype))
 
 
 def exact_keep(num_tokens: int, top_k: int, kept: int, generator: torch.Generator) -> Tensor:
@@ -115,6 +142,7 @@ class Slot:
     hf_blocks: dict[str, nn.Module]
     beam_block: nn.Module
     layer: BeamMoELayer
+    fresh_head: MaskHead
 
 
 class LayerBench:
@@ -144,9 +172,9 @@ class LayerBench:
             }
             beam_block = block_sharing_weights(self.source, config, own).eval()
             layer = BeamMoELayer(0, "moe", beam_block, self.family, BeamConfig(backend=backend), [])
-            layer.install(MaskHead(preset.hidden_size, preset.num_experts, device=device))
-            layer.head.eval()
-            self.slots.append(Slot(hf_blocks, beam_block, layer))
+            fresh_head = MaskHead(preset.hidden_size, preset.num_experts, device=device).eval()
+            layer.install(fresh_head)
+            self.slots.append(Slot(hf_blocks, beam_block, layer, fresh_head))
 
     def draw(self, slot: int, tokens: int, kept: int, generator: torch.Generator, dtype: torch.dtype) -> Draw:
         hidden = (
@@ -156,17 +184,19 @@ class LayerBench:
         with torch.inference_mode():
             ids = router(hidden.view(tokens, -1))[2].cpu()
         keep = exact_keep(tokens, self.preset.top_k, kept, generator)
-        return Draw(hidden, ids, keep, keep.to(self.device))
+        head = MaskHead(self.preset.hidden_size, self.preset.num_experts, device=self.device).eval()
+        fit_head(head, hidden, ids, keep)
+        return Draw(hidden, ids, keep, head)
 
     def run_hf(self, name: str, slot: int, draw: Draw) -> Tensor:
         return self.slots[slot].hf_blocks[name](draw.hidden)
 
     def run_beam(self, slot: int, draw: Draw, masked: bool = True) -> Tensor:
-        """The BEAM block on `draw`: with `masked`, the draw's mask replaces the head's decision
-        (the head still runs); otherwise the fresh head keeps every expert."""
-        layer = self.slots[slot].layer
-        layer.policy = _fixed_mask(layer, draw.keep_on_device) if masked else None
-        return self.slots[slot].beam_block(draw.hidden)
+        """The BEAM block on `draw`: with `masked`, under the draw's fitted head (its decision is the
+        draw's mask); otherwise under the slot's fresh head, which keeps every expert."""
+        block = self.slots[slot].beam_block
+        block._modules["beam_mask"] = draw.head if masked else self.slots[slot].fresh_head
+        return block(draw.hidden)
 
     def rows_computed(self, slot: int, draw: Draw) -> int:
         layer = self.slots[slot].layer
@@ -182,15 +212,6 @@ class LayerBench:
     def set_backend(self, name: str) -> None:
         for slot in self.slots:
             slot.layer.config = BeamConfig(backend=name)
-
-
-def _fixed_mask(layer: BeamMoELayer, keep: Tensor) -> Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]:
-    def policy(hidden: Tensor, logits: Tensor, weights: Tensor, ids: Tensor) -> Tensor:
-        # the head's decision runs as in serving (its cost stays in), then the draw's mask replaces it
-        apply_head(layer.head, hidden, weights, ids, layer.config.threshold)
-        return keep
-
-    return policy
 
 
 def _sig(value: float, digits: int = 5) -> float:
@@ -325,6 +346,10 @@ def _bench_tokens(
     methods.update(probes.methods())
 
     with torch.inference_mode():
+        for d, sample in enumerate(samples):
+            bench.run_beam(d, sample)
+            if not torch.equal(bench.slots[d].layer.last_keep.cpu(), sample.keep):
+                raise BeamError(f"the mask head fitted to draw {d} does not decide the draw's mask")
         reference = bench.run_hf("eager", 0, samples[0])
         checks = {
             "keepall_rel_err_vs_hf": _max_relative_error(
