@@ -33,6 +33,9 @@ class MoEFamily:
     shared_expert_attrs: tuple[str, ...] = ()
     router_weight_attr: str = "weight"
     router_outputs: tuple[int, int, int] = (0, 1, 2)
+    router_kind: str | None = None
+    """"softmax_topk" where the router's forward is transformers' softmax Top-K router (Qwen2/3-MoE's):
+    then a native op may compute it (`native_router`); None: the router's own forward always runs."""
 
     def is_block(self, module: nn.Module) -> bool:
         return type(module).__name__ in self.block_classes
@@ -64,12 +67,14 @@ _DECLARED: tuple[MoEFamily, ...] = (
         model_type="qwen3_moe",
         block_classes=("Qwen3MoeSparseMoeBlock",),
         description="Qwen3-MoE (Qwen3-30B-A3B, Qwen3-235B-A22B): softmax top-k, norm_topk_prob, no shared experts",
+        router_kind="softmax_topk",
     ),
     MoEFamily(
         model_type="qwen2_moe",
         block_classes=("Qwen2MoeSparseMoeBlock",),
         description="Qwen2-MoE / Qwen1.5-MoE-A2.7B: softmax top-k, one shared expert behind a sigmoid gate",
         shared_expert_attrs=("shared_expert",),
+        router_kind="softmax_topk",
     ),
     MoEFamily(
         model_type="deepseek_v2",
@@ -87,6 +92,7 @@ _DECLARED: tuple[MoEFamily, ...] = (
         model_type="olmoe",
         block_classes=("OlmoeSparseMoeBlock",),
         description="OLMoE-1B-7B: softmax top-k without renormalisation, no shared experts",
+        router_kind="softmax_topk",
     ),
     MoEFamily(
         model_type="mixtral",
@@ -105,6 +111,7 @@ _DECLARED: tuple[MoEFamily, ...] = (
         block_classes=("Qwen3NextSparseMoeBlock",),
         description="Qwen3-Next-80B-A3B: hybrid linear attention, 512 experts top-10, one gated shared expert",
         shared_expert_attrs=("shared_expert",),
+        router_kind="softmax_topk",
     ),
     MoEFamily(
         model_type="glm4_moe",
@@ -171,6 +178,7 @@ _DECLARED: tuple[MoEFamily, ...] = (
         model_type="flex_olmo",
         block_classes=("FlexOlmoSparseMoeBlock",),
         description="FlexOlmo: OLMoE-style softmax top-k over independently trained experts",
+        router_kind="softmax_topk",
     ),
     MoEFamily(
         model_type="lfm2_moe",

@@ -1,9 +1,11 @@
 """BEAM on one MoE block: the mask head beside the router, and expert execution that skips masked pairs.
 
-The block's own forward is untouched (shared experts, jitter, output format). Two things change:
+The block's own forward is untouched (shared experts, jitter, output format). What changes:
 - a forward hook on the router replaces its Top-K weights with `g * keep` (routing.apply_head);
   in eval mode masked slots also get the sentinel id E, so the experts never compute them;
-- the experts module's forward runs a BEAM expert backend, which skips ids >= E.
+- the experts module's forward runs a BEAM expert backend, which skips ids >= E;
+- where that backend is `native`, a softmax Top-K router's forward runs on the native op too
+  (`native_router`: the module's outputs, its weights streamed like the experts').
 In training mode all K experts are computed (weights g * keep with a straight-through gradient),
 so the gradient reaches masked slots.
 """
@@ -19,6 +21,7 @@ from beam_moe.errors import BeamError
 from beam_moe.experts import ExpertWeights, get_backend
 from beam_moe.families import MoEFamily
 from beam_moe.mask import MaskHead
+from beam_moe.native_router import SOFTMAX_TOPK, softmax_topk_forward
 from beam_moe.routing import RoutingPolicy, apply_head, apply_keep, to_sentinel
 from beam_moe.stats import StatsSink
 
@@ -60,12 +63,15 @@ class BeamMoELayer:
         self.block.add_module("beam_mask", head)
         self._hook = self.router.register_forward_hook(self._mask_router_output, with_kwargs=True)
         self.experts.forward = self._run_experts
+        if self.family.router_kind == SOFTMAX_TOPK:
+            self.router.forward = softmax_topk_forward(self.router, self._native_experts)
 
     def remove(self) -> None:
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
         self.experts.__dict__.pop("forward", None)
+        self.router.__dict__.pop("forward", None)
         if "beam_mask" in self.block._modules:
             del self.block._modules["beam_mask"]
         self.last_soft = self.last_keep = None
@@ -110,6 +116,11 @@ class BeamMoELayer:
                 "sequence of the batch"
             )
         return threshold.reshape(-1).repeat_interleave(tokens // rows)
+
+    def _native_experts(self, hidden: Tensor) -> bool:
+        """Whether the `native` backend computes this block's experts on `hidden`'s device (then
+        the router runs natively too, `native_router`)."""
+        return get_backend(self.config.backend, hidden.device).name == "native"
 
     def _run_experts(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
         backend = get_backend(self.config.backend, hidden_states.device)

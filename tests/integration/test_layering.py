@@ -35,6 +35,7 @@ LAYERS: list[tuple[str, ...]] = [
         "stats",
         "native",
         "experts",
+        "native_router",
     ),
     ("routing", "config", "identity"),
     ("layer",),

@@ -8,6 +8,8 @@
 - `kept_experts` (kept_experts.cpp): SwiGLU experts on the kept pairs only, in one dispatch, with
   bf16 weights widened to float32 as they stream (on CPUs without bf16 arithmetic torch's bf16
   matmul is compute-bound at a few GFLOP/s); the `native` expert backend.
+- `softmax_topk` (softmax_topk.cpp): the softmax Top-K router of the Qwen-style families in one
+  dispatch, on the same bf16 matmul (bf16_matmul.h); `beam_moe.native_router`.
 
 `python -m beam_moe.native build` compiles them (the set-up command runs it; a C++ compiler and
 ninja, under a minute) into `BEAM_MOE_NATIVE_DIR` (default ~/.cache/beam-moe/native), under a
@@ -29,7 +31,10 @@ from torch import Tensor
 from beam_moe.errors import BeamError
 from beam_moe.mask import ROUTER_FEATURE_FLOOR, MaskHead
 
-SOURCES = [Path(__file__).with_name(name) for name in ("decode_keep.cpp", "kept_experts.cpp")]
+SOURCES = [
+    Path(__file__).with_name(name) for name in ("decode_keep.cpp", "kept_experts.cpp", "softmax_topk.cpp")
+]
+HEADERS = [Path(__file__).with_name("bf16_matmul.h")]
 DIRECTORY_ENV = "BEAM_MOE_NATIVE_DIR"
 logger = logging.getLogger("beam_moe.native")
 _loaded: bool | None = None
@@ -42,7 +47,7 @@ runs on one thread whatever torch.set_num_threads says (libgomp is torch's own, 
 
 def library_name() -> str:
     digest = hashlib.sha256(
-        b"".join(p.read_bytes() for p in SOURCES)
+        b"".join(p.read_bytes() for p in SOURCES + HEADERS)
         + torch.__version__.encode()
         + " ".join(COMPILE_FLAGS).encode()
     ).hexdigest()[:12]
@@ -132,3 +137,13 @@ def kept_experts(
     [E, H, I], bf16. Returns the output [T, H] in hidden's dtype (summed in
     float32) and the number of kept pairs computed. Call `available()` first."""
     return torch.ops.beam_moe.kept_experts(hidden, gate_up, down, ids, weights)
+
+
+def softmax_topk(
+    hidden: Tensor, weight: Tensor, top_k: int, normalize: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(logits [T, E], Top-K weights [T, K], Top-K ids [T, K] int64) of a softmax Top-K router with
+    bf16 `weight` [E, H] for bf16 hidden [T, H], as the Qwen-style transformers routers compute
+    them: bf16 logits, float32 softmax, Top-K, `normalize`d to sum 1, weights in bf16. Call
+    `available()` first."""
+    return torch.ops.beam_moe.softmax_topk(hidden, weight, top_k, normalize)

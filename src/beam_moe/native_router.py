@@ -1,0 +1,52 @@
+"""The router forward of the families whose router is softmax Top-K (`MoEFamily.router_kind`), on
+the native op `beam_moe.native.softmax_topk` where the `native` expert backend runs.
+
+Why: on a CPU the router's bf16 matmul is torch's, which without bf16 arithmetic (AVX2 only) is
+compute-bound at about 9 GFLOP/s (a quarter of a 512-token layer), and at decode its five small
+ops each start cold after the previous layer's experts. The op streams the weights like the
+`native` experts and runs the router's own softmax and Top-K from C++, so it returns what the
+module returns (logits equal up to the matmul's accumulation order: at most one bf16 step, seen at
+prefill sizes). Used only where `native` computes the experts (so `backend="reference"` or
+`"grouped"` keeps transformers' router), at inference, on bf16 routers, and, on CPUs whose bf16
+GEMMs torch runs well (AVX512-BF16, AMX), for decode-sized calls only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from beam_moe import native
+from beam_moe.experts.native import hardware_bf16
+
+SOFTMAX_TOPK = "softmax_topk"
+"""`MoEFamily.router_kind` of routers that compute softmax(x W^T) in float32, its Top-K, divide by
+the Top-K's sum when `norm_topk_prob`, and return (logits, Top-K weights in the logits' dtype, ids)."""
+
+
+def native_router_applies(router: nn.Module, hidden: Tensor) -> bool:
+    weight = router.weight
+    return (
+        hidden.device.type == "cpu"
+        and hidden.dtype == torch.bfloat16
+        and weight.dtype == torch.bfloat16
+        and not (torch.is_grad_enabled() and (weight.requires_grad or hidden.requires_grad))
+        and (hidden.shape[0] * router.top_k <= weight.shape[0] or not hardware_bf16())
+        and native.available()
+    )
+
+
+def softmax_topk_forward(router: nn.Module, use_native: Callable[[Tensor], bool]) -> Callable[..., tuple]:
+    """A forward for `router` (a softmax Top-K router) that runs the native op where
+    `use_native(hidden)` and `native_router_applies`, and the module's own forward elsewhere."""
+    own_forward = type(router).forward
+
+    def forward(hidden_states: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        hidden = hidden_states.reshape(-1, router.weight.shape[1])
+        if use_native(hidden) and native_router_applies(router, hidden):
+            return native.softmax_topk(hidden, router.weight, int(router.top_k), bool(router.norm_topk_prob))
+        return own_forward(router, hidden_states)
+
+    return forward

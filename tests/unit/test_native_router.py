@@ -1,0 +1,110 @@
+"""The native softmax Top-K router (beam_moe.native.softmax_topk, `native_router`) against the
+router modules of the families that declare it, on real transformers models; and where it runs.
+
+Like test_native.py, these fail rather than skip where the op is not built.
+"""
+
+import copy
+
+import pytest
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from beam_moe import BeamConfig, attach, detach
+from beam_moe.families import FAMILIES, family_for
+from beam_moe.native import available as native_available
+from beam_moe.native import library_path, softmax_topk
+from beam_moe.native_router import SOFTMAX_TOPK
+from beam_moe.tiny_models import tiny_model
+from helpers.masking import randomize_heads
+
+SOFTMAX_TOPK_FAMILIES = [f.model_type for f in FAMILIES.values() if f.router_kind == SOFTMAX_TOPK]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built():
+    assert native_available(), f"not built ({library_path()}): run python -m beam_moe.native build"
+
+
+def first_router(model):
+    family = family_for(model)
+    return family.router(family.find_blocks(model)[0][1])
+
+
+def random_router_weight(router, seed: int):
+    with torch.no_grad():
+        router.weight.copy_(torch.randn(router.weight.shape, generator=torch.Generator().manual_seed(seed)))
+
+
+def ran_native_router(run) -> bool:
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        run()
+    return any(event.name == "beam_moe::softmax_topk" for event in prof.events())
+
+
+def test_the_declared_families_are_the_qwen_style_ones():
+    assert set(SOFTMAX_TOPK_FAMILIES) == {"qwen3_moe", "qwen2_moe", "olmoe", "qwen3_next", "flex_olmo"}
+
+
+@pytest.mark.parametrize("model_type", SOFTMAX_TOPK_FAMILIES)
+@pytest.mark.parametrize("tokens", [1, 5, 40])
+def test_matches_the_router_module_of_every_declared_family(model_type, tokens):
+    """What the declaration promises: the op returns what the family's own router module returns
+    (logits, Top-K weights, ids) for its bf16 weights, with and without norm_topk_prob."""
+    router = first_router(tiny_model(model_type, dtype=torch.bfloat16))
+    random_router_weight(router, seed=tokens)
+    hidden = torch.randn(tokens, router.weight.shape[1], generator=torch.Generator().manual_seed(1))
+    hidden = hidden.to(torch.bfloat16)
+    for normalize in (True, False):
+        router.norm_topk_prob = normalize
+        with torch.no_grad():
+            logits, weights, ids = router(hidden)
+        got = softmax_topk(hidden, router.weight, router.top_k, normalize)
+        torch.testing.assert_close(got[0], logits, rtol=0, atol=0)
+        assert torch.equal(got[2], ids)
+        torch.testing.assert_close(got[1], weights, rtol=0, atol=0)
+        assert got[1].dtype == weights.dtype and got[0].dtype == logits.dtype
+
+
+def test_bad_input_is_refused_with_what_was_wrong():
+    weight = torch.randn(8, 64)
+    with pytest.raises(RuntimeError, match="must be bfloat16"):
+        softmax_topk(torch.randn(2, 64).bfloat16(), weight, 2, True)
+    with pytest.raises(RuntimeError, match="top_k 9 is not in"):
+        softmax_topk(torch.randn(2, 64).bfloat16(), weight.bfloat16(), 9, True)
+    with pytest.raises(RuntimeError, match=r"hidden \[T, H\] and weight \[E, H\]"):
+        softmax_topk(torch.randn(2, 32).bfloat16(), weight.bfloat16(), 2, True)
+
+
+def attached_pair():
+    model = tiny_model("qwen3_moe", dtype=torch.bfloat16)
+    reference = attach(copy.deepcopy(model), BeamConfig(backend="reference"))
+    beam = attach(model, BeamConfig(backend="native"))
+    for m in (beam, reference):
+        random_router_weight(first_router(m), seed=3)
+        randomize_heads(m, seed=2)
+    return beam, reference
+
+
+def test_the_native_backend_runs_the_router_natively_and_reference_does_not():
+    """With `native` experts the attached router's forward is the op, and the model computes what
+    it computes with transformers' router and the reference experts; `reference` keeps
+    transformers' router, and detaching restores the module's own forward."""
+    beam, reference = attached_pair()
+    length = beam.config.num_experts // beam.config.num_experts_per_tok  # decode-sized on every CPU
+    tokens = torch.randint(0, beam.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        assert ran_native_router(lambda: beam(tokens))
+        assert not ran_native_router(lambda: reference(tokens))
+        out, expected = beam(tokens).logits, reference(tokens).logits
+    assert ((out.float() - expected.float()).norm() / expected.float().norm()).item() < 2e-2
+    detach(beam)
+    assert "forward" not in first_router(beam).__dict__
+
+
+def test_training_runs_the_router_module():
+    """The op has no backward pass: with gradients the router module's own forward runs."""
+    beam, _ = attached_pair()
+    tokens = torch.randint(0, beam.config.vocab_size, (1, 4), generator=torch.Generator().manual_seed(9))
+    first_router(beam).weight.requires_grad_(True)
+    assert not ran_native_router(lambda: beam(tokens))
