@@ -21,7 +21,7 @@ from beam_moe.errors import BeamError
 from beam_moe.experts import ExpertWeights, get_backend
 from beam_moe.families import MoEFamily
 from beam_moe.mask import MaskHead
-from beam_moe.native_router import SOFTMAX_TOPK, softmax_topk_forward
+from beam_moe.native_router import SOFTMAX_TOPK, softmax_topk_route
 from beam_moe.routing import RoutingPolicy, apply_head, apply_keep, to_sentinel
 from beam_moe.stats import StatsSink
 
@@ -64,7 +64,7 @@ class BeamMoELayer:
         self._hook = self.router.register_forward_hook(self._mask_router_output, with_kwargs=True)
         self.experts.forward = self._run_experts
         if self.family.router_kind == SOFTMAX_TOPK:
-            self.router.forward = softmax_topk_forward(self.router, self._native_experts)
+            self.router.forward = self._route
 
     def remove(self) -> None:
         if self._hook is not None:
@@ -117,10 +117,12 @@ class BeamMoELayer:
             )
         return threshold.reshape(-1).repeat_interleave(tokens // rows)
 
-    def _native_experts(self, hidden: Tensor) -> bool:
-        """Whether the `native` backend computes this block's experts on `hidden`'s device (then
-        the router runs natively too, `native_router`)."""
-        return get_backend(self.config.backend, hidden.device).name == "native"
+    def _route(self, hidden_states: Tensor) -> tuple:
+        """The router's forward for a softmax Top-K router: natively where the `native` backend
+        computes this block's experts (`native_router`). A bound method, like `_run_experts`, so
+        that a deep copy of the model routes with the copy's router."""
+        native = get_backend(self.config.backend, hidden_states.device).name == "native"
+        return softmax_topk_route(self.router, hidden_states, allow_native=native)
 
     def _run_experts(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
         backend = get_backend(self.config.backend, hidden_states.device)

@@ -13,8 +13,6 @@ GEMMs torch runs well (AVX512-BF16, AMX), for decode-sized calls only.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import Tensor, nn
 
@@ -38,15 +36,10 @@ def native_router_applies(router: nn.Module, hidden: Tensor) -> bool:
     )
 
 
-def softmax_topk_forward(router: nn.Module, use_native: Callable[[Tensor], bool]) -> Callable[..., tuple]:
-    """A forward for `router` (a softmax Top-K router) that runs the native op where
-    `use_native(hidden)` and `native_router_applies`, and the module's own forward elsewhere."""
-    own_forward = type(router).forward
-
-    def forward(hidden_states: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        hidden = hidden_states.reshape(-1, router.weight.shape[1])
-        if use_native(hidden) and native_router_applies(router, hidden):
-            return native.softmax_topk(hidden, router.weight, int(router.top_k), bool(router.norm_topk_prob))
-        return own_forward(router, hidden_states)
-
-    return forward
+def softmax_topk_route(router: nn.Module, hidden_states: Tensor, allow_native: bool) -> tuple:
+    """`router`'s output (a softmax Top-K router): the native op where `allow_native` and
+    `native_router_applies`, the module's own forward elsewhere."""
+    hidden = hidden_states.reshape(-1, router.weight.shape[1])
+    if allow_native and native_router_applies(router, hidden):
+        return native.softmax_topk(hidden, router.weight, int(router.top_k), bool(router.norm_topk_prob))
+    return type(router).forward(router, hidden_states)

@@ -108,3 +108,18 @@ def test_training_runs_the_router_module():
     tokens = torch.randint(0, beam.config.vocab_size, (1, 4), generator=torch.Generator().manual_seed(9))
     first_router(beam).weight.requires_grad_(True)
     assert not ran_native_router(lambda: beam(tokens))
+
+
+def test_a_deep_copy_of_an_attached_model_routes_with_its_own_router():
+    """The router override is a bound method of the layer, so `copy.deepcopy` rebinds it: the copy's
+    router computes with the copy's weights, not the original's."""
+    beam, _ = attached_pair()
+    twin = copy.deepcopy(beam)
+    random_router_weight(first_router(twin), seed=11)
+    hidden = torch.randn(2, beam.config.hidden_size, generator=torch.Generator().manual_seed(4)).bfloat16()
+    with torch.no_grad():
+        own = type(first_router(twin)).forward(first_router(twin), hidden)
+        routed = first_router(twin).forward(hidden)  # the override, without BEAM's hook
+        original = first_router(beam).forward(hidden)
+    assert all(torch.equal(a, b) for a, b in zip(routed, own, strict=True))
+    assert not torch.equal(routed[0], original[0])
