@@ -59,6 +59,11 @@ class BeamMoELayer:
     def head(self) -> MaskHead:
         return self.block.beam_mask
 
+    @head.setter
+    def head(self, head: MaskHead) -> None:
+        """Swap the installed head for another (the hooks stay): to run or save other head weights."""
+        self.block._modules["beam_mask"] = head
+
     def install(self, head: MaskHead) -> None:
         self.block.add_module("beam_mask", head)
         self._hook = self.router.register_forward_hook(self._mask_router_output, with_kwargs=True)

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from beam_moe import native
-from beam_moe.experts.native import hardware_bf16
+from beam_moe.experts.native import native_preferred
 
 SOFTMAX_TOPK = "softmax_topk"
 """`MoEFamily.router_kind` of routers that compute softmax(x W^T) in float32, its Top-K, divide by
@@ -31,7 +31,7 @@ def native_router_applies(router: nn.Module, hidden: Tensor) -> bool:
         and hidden.dtype == torch.bfloat16
         and weight.dtype == torch.bfloat16
         and not (torch.is_grad_enabled() and (weight.requires_grad or hidden.requires_grad))
-        and (hidden.shape[0] * router.top_k <= weight.shape[0] or not hardware_bf16())
+        and native_preferred(hidden.shape[0] * router.top_k, weight.shape[0])
         and native.available()
     )
 

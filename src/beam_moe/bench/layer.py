@@ -194,9 +194,8 @@ class LayerBench:
     def run_beam(self, slot: int, draw: Draw, masked: bool = True) -> Tensor:
         """The BEAM block on `draw`: with `masked`, under the draw's fitted head (its decision is the
         draw's mask); otherwise under the slot's fresh head, which keeps every expert."""
-        block = self.slots[slot].beam_block
-        block._modules["beam_mask"] = draw.head if masked else self.slots[slot].fresh_head
-        return block(draw.hidden)
+        self.slots[slot].layer.head = draw.head if masked else self.slots[slot].fresh_head
+        return self.slots[slot].beam_block(draw.hidden)
 
     def rows_computed(self, slot: int, draw: Draw) -> int:
         layer = self.slots[slot].layer

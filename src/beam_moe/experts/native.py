@@ -5,7 +5,7 @@ It reads each kept expert's weights once, widening them to float32 as they strea
 tokens per pass over a weight row. Where torch's bf16 matmul has no hardware arithmetic under it
 (AVX2-only CPUs: about 9 GFLOP/s at any shape) that is faster at every size; on CPUs with bf16
 arithmetic (AVX512-BF16, AMX) oneDNN's GEMMs are faster once an expert has many rows, so there the
-backend computes decode-sized calls and hands larger ones to `grouped` (`prefers_native`).
+backend computes decode-sized calls and hands larger ones to `grouped` (`native_preferred`).
 """
 
 from __future__ import annotations
@@ -50,15 +50,17 @@ def hardware_bf16() -> bool:
     return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
 
 
-def prefers_native(weights: ExpertWeights, ids: Tensor) -> bool:
-    """Decode-sized calls (no more slots than experts: about one row per expert, where a GEMM is
-    a weight stream) always; larger ones unless the CPU has bf16 arithmetic for torch's GEMMs."""
-    return ids.numel() <= weights.num_experts or not hardware_bf16()
+def native_preferred(slots: int, experts: int) -> bool:
+    """Whether a native op beats torch's bf16 GEMMs on a call with `slots` (token, expert) rows over
+    `experts` weight rows: decode-sized calls (no more slots than experts: about one row per
+    expert, where a GEMM is a weight stream) always; larger ones unless the CPU has bf16 arithmetic
+    for torch's GEMMs. The experts backend and the router (`native_router`) share this rule."""
+    return slots <= experts or not hardware_bf16()
 
 
 def native_experts(w: ExpertWeights, hidden: Tensor, ids: Tensor, weights: Tensor) -> ExpertsOutput:
     """Same contract as `reference_experts`: ids >= E are skipped; returns (output, rows computed, "native")."""
-    if not prefers_native(w, ids):
+    if not native_preferred(ids.numel(), w.num_experts):
         log_fallback("native", "grouped", "a prefill-sized call whose GEMMs torch runs faster on this CPU")
         return grouped_experts(w, hidden, ids, weights)
     output, rows = native.kept_experts(hidden, w.up.transpose(1, 2), w.down.transpose(1, 2), ids, weights)

@@ -101,7 +101,7 @@ def start_output(config: TrainConfig, path: Path) -> None:
 def _plain_heads(model: nn.Module, state: dict[str, torch.Tensor]) -> Iterator[None]:
     """Swap in CPU mask heads holding the gathered values (the live ones may be sharded)."""
     layers = get_attachment(model).layers
-    originals = [layer.block._modules["beam_mask"] for layer in layers]
+    originals = [layer.head for layer in layers]
     try:
         for layer, original in zip(layers, originals, strict=True):
             head = MaskHead(
@@ -113,11 +113,11 @@ def _plain_heads(model: nn.Module, state: dict[str, torch.Tensor]) -> Iterator[N
             with torch.no_grad():
                 for key, param in head.named_parameters():
                     param.copy_(state[f"{layer.name}.beam_mask.{key}"])
-            layer.block._modules["beam_mask"] = head
+            layer.head = head
         yield
     finally:
         for layer, original in zip(layers, originals, strict=True):
-            layer.block._modules["beam_mask"] = original
+            layer.head = original
 
 
 def _trained_identity(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, Any]:
