@@ -7,8 +7,8 @@ ops each start cold after the previous layer's experts. The op streams the weigh
 `native` experts and runs the router's own softmax and Top-K from C++, so it returns what the
 module returns (logits equal up to the matmul's accumulation order: at most one bf16 step, seen at
 prefill sizes). Used only where `native` computes the experts (so `backend="reference"` or
-`"grouped"` keeps transformers' router), at inference, on bf16 routers, and, on CPUs whose bf16
-GEMMs torch runs well (AVX512-BF16, AMX), for decode-sized calls only.
+`"grouped"` keeps transformers' router), at inference, on bf16 routers, and, on CPUs with bf16
+arithmetic (AVX512-BF16, AMX), for decode-sized calls only (`native_router_preferred`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from beam_moe import native
-from beam_moe.experts.native import native_preferred
+from beam_moe.experts.native import native_router_preferred
 
 SOFTMAX_TOPK = "softmax_topk"
 """`MoEFamily.router_kind` of routers that compute softmax(x W^T) in float32, its Top-K, divide by
@@ -31,7 +31,7 @@ def native_router_applies(router: nn.Module, hidden: Tensor) -> bool:
         and hidden.dtype == torch.bfloat16
         and weight.dtype == torch.bfloat16
         and not (torch.is_grad_enabled() and (weight.requires_grad or hidden.requires_grad))
-        and native_preferred(hidden.shape[0] * router.top_k, weight.shape[0])
+        and native_router_preferred(hidden.shape[0] * router.top_k, weight.shape[0])
         and native.available()
     )
 

@@ -1,9 +1,10 @@
 """The native expert op (beam_moe.native.kept_experts) and the `native` backend against the
 reference backend, on real transformers experts.
 
-Shapes cover both code paths of the op: widths that are multiples of 8 run the AVX2 loops (where
-the CPU has them), others the portable ones, and row counts that are not multiples of the 4-row
-block and token counts of 1-7 cover the partial blocks. Like test_native.py, these fail rather than
+Shapes cover every code path of the op: widths that are multiples of 32 run the AVX512-BF16 loops
+(where the CPU has them, else the AVX2 ones), multiples of 8 the AVX2 loops, others the portable
+ones, and row counts that are not multiples of the 4-row block and token counts of 1-7 cover the
+partial blocks. Like test_native.py, these fail rather than
 skip where the op is not built.
 """
 
@@ -147,7 +148,7 @@ def test_supports_does_not_lie_on_real_experts(model_type):
     experts = experts_of(model_type)
     weights = ExpertWeights.of(experts)
     # no more slots than experts: decode-sized, which `native` computes on every CPU (where the CPU
-    # has bf16 arithmetic, prefill-sized calls go to `grouped`)
+    # has AMX, prefill-sized calls go to `grouped`)
     tokens = experts.num_experts // 2
     x, ids, routing, _ = masked_routing(
         tokens, experts.num_experts, 2, weights.hidden_size, seed=7, kept_share=0.6
@@ -163,18 +164,19 @@ def test_supports_does_not_lie_on_real_experts(model_type):
     assert not NATIVE.supports(weights, CPU, needs_grad=True)[0]
 
 
-def test_prefill_on_a_cpu_with_bf16_arithmetic_goes_to_grouped(monkeypatch):
-    """There oneDNN's GEMMs beat the op once experts have many rows; decode-sized calls stay native."""
+def test_prefill_on_a_cpu_with_amx_goes_to_grouped(monkeypatch):
+    """There oneDNN's GEMMs beat the op once experts have many rows; decode-sized calls stay native,
+    and without AMX every call does."""
     w13, w2 = swiglu_experts(4, 64, 32)
     weights = ExpertWeights.swiglu(w13, w2)
-    monkeypatch.setattr(native_backend, "hardware_bf16", lambda: True)
+    monkeypatch.setattr(native_backend, "amx_tiles", lambda: True)
     x, ids, routing, _ = masked_routing(2, 4, 2, 64, seed=8)  # 4 slots <= 4 experts
     assert NATIVE(weights, x, ids, routing).backend == "native"
     x, ids, routing, _ = masked_routing(9, 4, 2, 64, seed=8)
     out = NATIVE(weights, x, ids, routing)
     assert out.backend == "grouped"
     torch.testing.assert_close(out.output, GROUPED(weights, x, ids, routing).output)
-    monkeypatch.setattr(native_backend, "hardware_bf16", lambda: False)
+    monkeypatch.setattr(native_backend, "amx_tiles", lambda: False)
     assert NATIVE(weights, x, ids, routing).backend == "native"
 
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from beam_moe import BeamConfig, attach, detach
+from beam_moe import BeamConfig, attach, beam_stats, detach
+from beam_moe.experts import native as native_backend
 from beam_moe.families import FAMILIES, family_for
 from beam_moe.native import available as native_available
 from beam_moe.native import library_path, softmax_topk
@@ -111,6 +112,27 @@ def test_the_native_backend_runs_the_router_natively_and_reference_does_not():
     assert ((out.float() - expected.float()).norm() / expected.float().norm()).item() < 2e-2
     detach(beam)
     assert "forward" not in first_router(beam).__dict__
+
+
+@pytest.mark.parametrize(("bf16_arithmetic", "amx"), [(False, False), (True, False), (True, True)])
+def test_prompt_sized_calls_leave_the_router_to_torch_on_cpus_with_bf16_arithmetic(
+    monkeypatch, bf16_arithmetic, amx
+):
+    """A prompt-sized router call is a dense GEMM that oneDNN's bf16 kernels run faster than the
+    op, so on such CPUs it is the module's; the experts stay native unless the CPU has AMX. A
+    decode-sized call is native everywhere."""
+    monkeypatch.setattr(native_backend, "hardware_bf16", lambda: bf16_arithmetic)
+    monkeypatch.setattr(native_backend, "amx_tiles", lambda: amx)
+    beam, _ = attached_pair()
+    generator = torch.Generator().manual_seed(9)
+    decode = torch.randint(0, beam.config.vocab_size, (1, 1), generator=generator)
+    prompt = torch.randint(0, beam.config.vocab_size, (1, 4 * beam.config.num_experts), generator=generator)
+    with torch.no_grad():
+        assert ran_native_router(lambda: beam(decode))
+        assert ran_native_router(lambda: beam(prompt)) == (not bf16_arithmetic)
+        with beam_stats(beam) as stats:
+            beam(prompt)
+    assert all(calls == {"grouped" if amx else "native": 1} for calls in stats.backends.values())
 
 
 def test_training_runs_the_router_module():

@@ -5,9 +5,10 @@
   the 2-core machines we measure on, against 3-10 us warm): the seven small ops of the PyTorch path
   (cast, two row gathers, matrix-vector product, sigmoid, compare, all) cost more than the mask
   head's arithmetic. One op does it all.
-- `kept_experts` (kept_experts.cpp): SwiGLU experts on the kept pairs only, in one dispatch, with
-  bf16 weights widened to float32 as they stream (on CPUs without bf16 arithmetic torch's bf16
-  matmul is compute-bound at a few GFLOP/s); the `native` expert backend.
+- `kept_experts` (kept_experts.cpp): SwiGLU experts on the kept pairs only, in one dispatch, each
+  kept expert's bf16 weights streamed once at the memory's rate (bf16 dot products with AVX512-BF16,
+  widened to float32 with AVX2, where torch's bf16 matmul is compute-bound at a few GFLOP/s); the
+  `native` expert backend.
 - `softmax_topk` (softmax_topk.cpp): the softmax Top-K router of the Qwen-style families in one
   dispatch, on the same bf16 matmul (bf16_matmul.h); `beam_moe.native_router`.
 
