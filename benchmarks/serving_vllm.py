@@ -34,7 +34,10 @@ the distance at batch 8 is torch's bf16 kernels in vLLM's projections, not the h
 Separate engines differ by more than BEAM on a shared machine (two rounds moved the base TPOT by
 10-30%), so `--paired N` also measures what the BEAM step costs inside the keep-all engine: N pairs
 of consecutive decode steps per batch size, one with its BEAM runners switched off (vLLM's own
-runner, the base model's path) and one on, in a random order per pair. Run it alone:
+runner, the base model's path) and one on, in a random order per pair. Run it alone, and without
+OMP_WAIT_POLICY=PASSIVE (the machine records it): with it, vLLM's second OpenMP thread sleeps between
+ops, and every small multi-threaded op pays the wake-up (a 10 x 2048 index_add_ took 0.56 ms
+against 0.02 ms by default on a 2-core EPYC), which a serving machine does not pay:
 
     .venv/bin/python benchmarks/serving_vllm.py --layers 8 --avg-k 1.23,2.0 --batches 1,8,32
 """
@@ -47,6 +50,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -590,6 +594,12 @@ def main() -> None:
         return
     if args.output_len < 2:
         parser.error("--output-len must be at least 2 (TPOT is the time after the first token)")
+    if os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE":
+        print(
+            "warning: OMP_WAIT_POLICY=PASSIVE makes every small multi-threaded op in vLLM wait for its "
+            "sleeping second thread (~0.3-0.5 ms each on 2 cores); unset it to measure serving",
+            file=sys.stderr,
+        )
 
     folders, read = build_checkpoints(args.work, args.layers, args.avg_k, args.batches, args.seed)
     variants = []

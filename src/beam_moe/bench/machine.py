@@ -136,6 +136,7 @@ def describe_machine(device: torch.device) -> dict:
         "torch_cpu": torch_cpu_support(),
         "beam_native_ops": native_available(),
         "platform": platform.platform(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
     }
     if hasattr(os, "getloadavg"):
         info["load_average"] = [round(x, 2) for x in os.getloadavg()]
