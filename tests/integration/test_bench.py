@@ -2,7 +2,6 @@
 
 import json
 import shlex
-import time
 
 import pytest
 import torch
@@ -218,31 +217,3 @@ def test_machine_block_records_the_cpu_features_that_set_the_gemm_floor():
         assert not torch_cpu["avx512_bf16"] or info["cpu_flags"]["avx512_bf16"]
         assert not torch_cpu["avx512"] or info["cpu_flags"]["avx512f"]
     json.dumps(info)
-
-
-def test_before_each_runs_untimed_before_every_timed_call():
-    """`interleaved_medians(before_each=...)`: called once before each timed call (after the
-    warm-up), and its time is not in any method's median."""
-    from beam_moe.bench.timing import interleaved_medians
-
-    calls = {"before": 0, "method": 0}
-
-    def before():
-        calls["before"] += 1
-        time.sleep(0.02)
-
-    def method(_draw):
-        calls["method"] += 1
-
-    medians = interleaved_medians(
-        {"a": method, "b": method}, torch.device("cpu"), draws=2, rounds=3, before_each=before
-    )
-    assert calls == {"before": 6, "method": 6 + 4}  # 2 methods x 3 rounds, plus 2 x 2 warm-up calls
-    assert max(medians.values()) < 0.01
-
-
-def test_clean_caches_reads_without_writing():
-    probes = machine.LimitProbes(torch.device("cpu"), torch.float32, 1 << 20, 128)
-    before = probes.src.clone()
-    probes.clean_caches()
-    assert torch.equal(probes.src, before)

@@ -6,10 +6,7 @@ Per token count T, in one process and interleaved call by call (see `timing.inte
 - BEAM at Top-K with every expert kept (the mask head, masked routing and the BEAM backend);
 - BEAM with masks that keep exactly round(avg_k * T) pairs.
 Each draw is fresh random hidden states (so fresh routing) and a fresh mask; calls rotate over the
-draws, so back-to-back calls read different experts and caches do not flatter anyone. On the CPU
-every timed call starts with the caches full of clean, unrelated lines (`LimitProbes.clean_caches`,
-untimed), as in a model whose previous layer read its weights, not with the dirty lines of the
-previous call's writes. The mask is
+draws, so back-to-back calls read different experts and caches do not flatter anyone. The mask is
 the draw's mask head's own decision: each draw gets a head fitted to its random mask (`fit_head`),
 so BEAM runs exactly the path it serves with (a head, its decision, the masked experts).
 
@@ -360,12 +357,7 @@ def _bench_tokens(
             "rows_computed": bench.rows_computed(0, samples[0]),
         }
         medians = interleaved_medians(
-            methods,
-            bench.device,
-            draws=len(samples),
-            rounds=rounds,
-            budget_s=budget_s,
-            before_each=probes.clean_caches if bench.device.type == "cpu" else None,
+            methods, bench.device, draws=len(samples), rounds=rounds, budget_s=budget_s
         )
     if checks["rows_computed"] != kept:
         raise BeamError(f"BEAM computed {checks['rows_computed']} rows for {kept} kept pairs")

@@ -50,16 +50,6 @@ class LimitProbes:
         if dtype != torch.float32:
             self.gemms["limit_gemm_fp32"] = _gemm_operands(gemm_size, torch.float32, device, generator)
 
-    CLEAN_BYTES = 256 << 20
-
-    def clean_caches(self) -> None:
-        """Read (never write) up to CLEAN_BYTES of the copy probe's source, more than any CPU's
-        caches: afterwards they hold clean, unrelated lines, as after a model's previous layer read
-        its weights. Without it a call that follows one that wrote much (the copy probe, a gather
-        of expert weights) must first write those dirty lines back: on a Zen 4 EPYC that halved the
-        rate one token's kept expert streamed at (benchmarks/NOTES-kernels.md, v13)."""
-        self.src[: self.CLEAN_BYTES // 4].sum()
-
     def methods(self) -> dict[str, Callable[[int], object]]:
         probes: dict[str, Callable[[int], object]] = {
             "limit_copy": lambda _: self.dst.copy_(self.src),

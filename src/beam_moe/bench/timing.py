@@ -38,15 +38,13 @@ def interleaved_medians(
     rounds: int,
     min_rounds: int = 3,
     budget_s: float | None = None,
-    before_each: Callable[[], object] | None = None,
 ) -> dict[str, float]:
     """Median seconds per method. Each round calls every method once, in a fresh random order (so
     that no method always follows the same other one), method i on draw (round + i) % draws: calls
     in a round use different inputs (no cache reuse between them), every method cycles through
     every draw, and a burst of load from other processes hits all methods alike. Every method is
-    warmed up on every draw first (compilation, caches). `before_each` runs, untimed, before every
-    timed call (e.g. `LimitProbes.clean_caches`). Stops early after `min_rounds` once `budget_s`
-    seconds are spent."""
+    warmed up on every draw first (compilation, caches). Stops early after `min_rounds` once
+    `budget_s` seconds are spent."""
     names = list(methods)
     for name in names:
         for draw in range(draws):
@@ -58,9 +56,6 @@ def interleaved_medians(
     for r in range(rounds):
         for i in shuffle.sample(range(len(names)), len(names)):
             name, draw = names[i], (r + i) % draws
-            if before_each is not None:
-                before_each()
-                synchronize(device)
             times[name].append(time_call(functools.partial(methods[name], draw), device))
         if budget_s is not None and r + 1 >= min_rounds and time.perf_counter() - started > budget_s:
             break
