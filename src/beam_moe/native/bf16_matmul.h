@@ -47,6 +47,15 @@ void rows_times_tokens_plain(const bf16* W, int64_t depth, const float* x, int64
   }
 }
 
+// Rows [n0, n1) times all `tokens` in the portable loops: CPUs without a vector path, and the rows
+// after the vector paths' last whole block.
+void rows_times_all_tokens_plain(const bf16* W, int64_t depth, const float* x, int64_t tokens, float* y,
+                                 int64_t y_stride, int64_t n0, int64_t n1) {
+  for (int64_t m = 0; m < tokens; m += kTokens)
+    rows_times_tokens_plain(W, depth, x + m * depth, std::min(kTokens, tokens - m), y + m * y_stride,
+                            y_stride, n0, n1);
+}
+
 #ifdef BEAM_X86
 __attribute__((target("avx2,fma"))) inline __m256 load8(const bf16* p) {
   const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
@@ -108,9 +117,7 @@ __attribute__((target("avx2,fma"))) void rows_times_tokens_avx2(const bf16* W, i
       else block_avx2<3>(W, depth, xm, ym, y_stride, n);
     }
   }
-  for (int64_t m = 0; m < tokens; m += kTokens)
-    rows_times_tokens_plain(W, depth, x + m * depth, std::min(kTokens, tokens - m), y + m * y_stride,
-                            y_stride, n, n1);
+  rows_times_all_tokens_plain(W, depth, x, tokens, y, y_stride, n, n1);
 }
 
 bool cpu_has_avx2_fma() {
@@ -160,9 +167,7 @@ void rows_times_tokens_avx512bf16(const bf16* W, int64_t depth, const bf16* xb, 
   for (; n + kRows <= n1; n += kRows)
     for (int64_t m = 0; m < tokens; m += kTokensBf16)
       kBf16Blocks[std::min(kTokensBf16, tokens - m) - 1](W, depth, xb + m * depth, y + m * y_stride, y_stride, n);
-  for (int64_t m = 0; m < tokens; m += kTokens)
-    rows_times_tokens_plain(W, depth, x + m * depth, std::min(kTokens, tokens - m), y + m * y_stride,
-                            y_stride, n, n1);
+  rows_times_all_tokens_plain(W, depth, x, tokens, y, y_stride, n, n1);
 }
 
 bool cpu_has_avx512_bf16() {
@@ -195,9 +200,7 @@ void matmul_rows(const bf16* W, int64_t rows, int64_t depth, const float* x, int
       return;
     }
 #endif
-    for (int64_t m = 0; m < tokens; m += kTokens)
-      rows_times_tokens_plain(W, depth, x + m * depth, std::min(kTokens, tokens - m), y + m * rows, rows,
-                              n0, n1);
+    rows_times_all_tokens_plain(W, depth, x, tokens, y, rows, n0, n1);
   });
 }
 
