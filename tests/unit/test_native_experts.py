@@ -4,8 +4,7 @@ reference backend, on real transformers experts.
 Shapes cover every code path of the op: widths that are multiples of 32 run the AVX512-BF16 loops
 (where the CPU has them, else the AVX2 ones), multiples of 8 the AVX2 loops, others the portable
 ones, and row counts that are not multiples of the 4-row block and token counts of 1-7 cover the
-partial blocks. Like test_native.py, these fail rather than
-skip where the op is not built.
+partial blocks. Like test_native.py, these fail rather than skip where the op is not built.
 """
 
 import copy

@@ -2,11 +2,11 @@
 (`beam_moe.native.kept_experts`), on the CPU.
 
 It reads each kept expert's weights once, with several tokens per pass over a weight row (bf16 dot
-products on AVX512-BF16 CPUs, weights widened to float32 on AVX2 ones). That streams the weights at
-the memory's rate where torch's bf16 matmul is compute-bound (AVX2 only: about 9 GFLOP/s at any
-shape) or, on AVX512-BF16 without AMX, at half the op's speed; under AMX tiles oneDNN's GEMMs are faster
-once an expert has many rows, so there the backend computes decode-sized calls and hands larger ones
-to `grouped` (`native_preferred`).
+products on AVX512-BF16 CPUs, weights widened to float32 on AVX2 ones), at the memory's rate. Torch's
+bf16 matmul is compute-bound without bf16 arithmetic (AVX2 only: about 9 GFLOP/s at any shape) and
+half as fast as the op with AVX512-BF16; under AMX tiles oneDNN's GEMMs are faster once an expert
+has many rows, so there the backend computes decode-sized calls and hands larger ones to `grouped`
+(`native_preferred`).
 """
 
 from __future__ import annotations
