@@ -160,8 +160,8 @@ def vllm_segments(root: Path = SHARED_MEMORY) -> set[str]:
         return set()
 
 
-def mapped_paths(root: Path = SHARED_MEMORY) -> set[str]:
-    """The files under `root` that some live process has mapped (from /proc/*/maps)."""
+def mapped_names(root: Path = SHARED_MEMORY) -> set[str]:
+    """The names of the files in `root` that some live process has mapped (from /proc/*/maps)."""
     mapped: set[str] = set()
     prefix = f"{root}/"
     for maps in Path("/proc").glob("[0-9]*/maps"):
@@ -169,7 +169,7 @@ def mapped_paths(root: Path = SHARED_MEMORY) -> set[str]:
             lines = maps.read_text().splitlines()
         except OSError:
             continue
-        mapped |= {line[line.index(prefix) :].split()[0] for line in lines if prefix in line}
+        mapped |= {Path(line[line.index(prefix) :].split()[0]).name for line in lines if prefix in line}
     return mapped
 
 
@@ -179,9 +179,11 @@ def remove_orphaned_segments(before: set[str], root: Path = SHARED_MEMORY, wait_
     a segment still mapped then (another vLLM on the machine) is left alone. Returns the removed names."""
     new = vllm_segments(root) - before
     deadline = time.monotonic() + wait_s
-    while new and new & {Path(p).name for p in mapped_paths(root)} and time.monotonic() < deadline:
+    busy = new & mapped_names(root) if new else set()
+    while busy and time.monotonic() < deadline:
         time.sleep(0.2)
-    orphans = sorted(new - {Path(p).name for p in mapped_paths(root)})
+        busy = new & mapped_names(root)
+    orphans = sorted(new - busy)
     for name in orphans:
         with contextlib.suppress(OSError):
             (root / name).unlink()
