@@ -72,6 +72,40 @@ def test_matches_the_reference_backend(hidden, intermediate, tokens, id_dtype):
     assert relative_error(out, reference.output) < 1e-2, "bf16 rounding, not a different function"
 
 
+def test_many_experts_handed_whole_to_threads_match_the_reference_backend():
+    """From four experts with kept pairs per thread, whole experts go to threads (the path of
+    batches and prompts); 24 of 32 experts kept by 40 tokens on two threads take it."""
+    w13, w2 = swiglu_experts(32, 64, 32, seed=6)
+    x, ids, weights, keep = masked_routing(40, 32, 4, 64, seed=7, kept_share=0.3)
+    assert len(set(ids[keep].tolist())) >= 4 * 2
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        out, rows = kept_experts(x, w13, w2, ids, weights)
+    finally:
+        torch.set_num_threads(threads)
+    reference = REFERENCE.compute(ExpertWeights.swiglu(w13, w2), x, ids, weights)
+    assert rows == int(keep.sum())
+    assert relative_error(out, reference.output) < 1e-2
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 40], ids=["one-expert", "rows-split", "whole-experts"])
+def test_the_output_does_not_depend_on_the_thread_count(tokens):
+    """However the experts or their rows are shared out, each pair is computed by the same loops
+    and each token's pairs are summed in slot order: one thread and two give the same bits."""
+    w13, w2 = swiglu_experts(32, 64, 32, seed=8)
+    x, ids, weights, _ = masked_routing(tokens, 32, 4, 64, seed=9, kept_share=0.3)
+    threads = torch.get_num_threads()
+    outs = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            outs.append(kept_experts(x, w13, w2, ids, weights)[0])
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outs[0], outs[1])
+
+
 def test_the_library_is_built_with_openmp():
     """at::parallel_for is an OpenMP pragma in ATen's headers: built without -fopenmp, the experts
     op would run on one thread whatever torch.set_num_threads says, and call no OpenMP runtime."""
