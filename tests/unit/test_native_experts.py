@@ -57,8 +57,8 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 @pytest.mark.parametrize(
     ("hidden", "intermediate"),
-    [(64, 32), (40, 12), (70, 16), (8, 4)],
-    ids=["vector", "plain", "partial-blocks", "smallest"],
+    [(64, 32), (40, 12), (70, 16), (64, 33), (8, 4)],
+    ids=["vector", "plain", "partial-blocks", "partial-blocks-bf16", "smallest"],
 )
 @pytest.mark.parametrize("tokens", [1, 2, 3, 7])
 @pytest.mark.parametrize("id_dtype", [torch.int64, torch.int32])
@@ -92,8 +92,9 @@ def test_many_experts_handed_whole_to_threads_match_the_reference_backend():
 @pytest.mark.parametrize("tokens", [1, 3, 40], ids=["one-expert", "rows-split", "whole-experts"])
 def test_the_output_does_not_depend_on_the_thread_count(tokens):
     """However the experts or their rows are shared out, each pair is computed by the same loops
-    and each token's pairs are summed in slot order: one thread and two give the same bits."""
-    w13, w2 = swiglu_experts(32, 64, 32, seed=8)
+    and each token's pairs are summed in slot order: one thread and two give the same bits. The
+    2082 gate/up rows of depth 64 are enough blocks for two threads to split them."""
+    w13, w2 = swiglu_experts(32, 64, 1041, seed=8)
     x, ids, weights, _ = masked_routing(tokens, 32, 4, 64, seed=9, kept_share=0.3)
     threads = torch.get_num_threads()
     outs = []
