@@ -36,6 +36,16 @@ template <int TOKENS>
 constexpr int64_t prefetch_bytes() {
   return TOKENS <= 3 ? 1024 : 2048;
 }
+// On the AVX512-BF16 path, blocks of more tokens also prefetch each row's line this far ahead
+// with the T2 hint: their loop is compute-bound for part of each block, and the early request
+// keeps the memory busy meanwhile (measured on the Zen 4, the experts op at 512 tokens: 1 thread
+// 80.0 -> 73.7 ms, 2 threads 37.4 -> 35.6; decode-sized blocks gained nothing, nor did the AVX2
+// path at any size, which therefore has no far prefetch).
+template <int TOKENS>
+constexpr bool far_prefetch() {
+  return TOKENS > 3;
+}
+constexpr int64_t kFarPrefetchBytes = 8192;
 
 using bf16 = at::BFloat16;
 
@@ -154,8 +164,11 @@ __attribute__((target("avx512f,avx512bf16"))) void block_avx512bf16(const bf16* 
   const bf16* rows[kRows];
   for (int r = 0; r < kRows; ++r) rows[r] = W + (b + r * quarter) * depth;
   for (int64_t h = 0; h < depth; h += 32) {  // 32 bf16: one 64-byte line of each row
-    for (int r = 0; r < kRows; ++r)
+    for (int r = 0; r < kRows; ++r) {
       _mm_prefetch(reinterpret_cast<const char*>(rows[r] + h) + prefetch_bytes<TOKENS>(), _MM_HINT_T1);
+      if (far_prefetch<TOKENS>())
+        _mm_prefetch(reinterpret_cast<const char*>(rows[r] + h) + kFarPrefetchBytes, _MM_HINT_T2);
+    }
     __m512bh xs[TOKENS];
     for (int m = 0; m < TOKENS; ++m) xs[m] = (__m512bh)_mm512_loadu_si512(x + m * depth + h);
     for (int r = 0; r < kRows; ++r) {
