@@ -15,6 +15,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <memory>
 #include <tuple>
 #include <vector>
 
@@ -89,12 +90,13 @@ int64_t run(const hidden_t* hidden, const bf16* gate_up, const bf16* down, const
     if (rows > 0) active.push_back(e);
     widest = std::max(widest, rows);
   }
-  std::vector<float> pair_out(pairs * hidden_size);
+  // every row is written by its expert, so not zero-filled first (5 MB at 512 tokens)
+  const std::unique_ptr<float[]> pair_out(new float[pairs * hidden_size]);
   const int64_t two_i = 2 * intermediate;
   auto one_expert = [&](int64_t e, Scratch& s) {
     expert_pairs(hidden, gate_up + e * two_i * hidden_size, down + e * hidden_size * intermediate,
                  slots.data() + count[e], count[e + 1] - count[e], slot_weights,
-                 pair_out.data() + count[e] * hidden_size, top_k, hidden_size, intermediate, s);
+                 pair_out.get() + count[e] * hidden_size, top_k, hidden_size, intermediate, s);
   };
   const int64_t n = static_cast<int64_t>(active.size());
   if (n >= kExpertsPerThread * at::get_num_threads()) {
@@ -115,7 +117,7 @@ int64_t run(const hidden_t* hidden, const bf16* gate_up, const bf16* down, const
       for (int64_t k = 0; k < top_k; ++k) {
         const int64_t row = row_of_slot[t * top_k + k];
         if (row < 0) continue;
-        const float* src = pair_out.data() + row * hidden_size;
+        const float* src = pair_out.get() + row * hidden_size;
         for (int64_t h = 0; h < hidden_size; ++h) dst[h] += src[h];
       }
     }
