@@ -1,9 +1,10 @@
-"""The kept experts of one MoE layer, two ways, interleaved (medians in ms): beam-moe's native op
-(`beam_moe.native.kept_experts`, the `native` backend) and vLLM's CPU fused-MoE kernel
+"""The kept experts of one MoE layer, three ways, interleaved (medians in ms): beam-moe's native op
+(`beam_moe.native.kept_experts`, the `native` backend), vLLM's CPU fused-MoE kernel
 (`cpu_fused_moe` on weights prepacked as vLLM prepacks them) called the way BEAM's vLLM runner
 calls it on the kept pairs (`KernelOnKeptPairs`: one token's kept ids as its top-K', or one top-1
-row per kept pair summed back per token). Which kernel reads the kept experts faster, outside the
-engine; `serving_vllm.py` measures the engines.
+row per kept pair summed back per token), and the `grouped` backend (torch's bf16 GEMMs, oneDNN's,
+one per kept expert). Which kernel reads the kept experts faster, outside the engine, and where
+`native_preferred` should hand a call to `grouped`; `serving_vllm.py` measures the engines.
 
     .venv/bin/python benchmarks/experts_vs_vllm.py --tokens 1,8,32,64,512 --threads 2 \
         --output benchmarks/results/experts_vs_vllm-cpu.json
@@ -24,7 +25,9 @@ from beam_moe import native
 from beam_moe.bench.layer import exact_keep, parse_tokens
 from beam_moe.bench.machine import describe_machine
 from beam_moe.bench.timing import interleaved_medians
+from beam_moe.experts.grouped import grouped_experts
 from beam_moe.experts.native import amx_tiles
+from beam_moe.experts.weights import ExpertWeights
 from beam_moe.presets import get_preset
 
 
@@ -66,7 +69,12 @@ def main() -> None:
     generator = torch.Generator().manual_seed(0)
     w13 = (torch.randn(experts, 2 * inter, hidden, generator=generator) * 0.02).to(torch.bfloat16)
     w2 = (torch.randn(experts, hidden, inter, generator=generator) * 0.02).to(torch.bfloat16)
+    as_transformers = ExpertWeights.swiglu(w13, w2)
     isa = "amx" if amx_tiles() else "vec"  # as vLLM 0.32's x86 CPU experts choose
+    if isa == "amx":
+        # the kernel does not ask Linux for the AMX tile state itself: run first in a process it
+        # dies of SIGILL; torch's _init_amx asks
+        torch._C._cpu._init_amx()
     packed13, packed2 = ops.cpu_prepack_moe_weight(w13, isa), ops.cpu_prepack_moe_weight(w2, isa)
 
     def vllm_call(
@@ -120,16 +128,21 @@ def main() -> None:
         methods = {
             "native": lambda d, s=draws: native.kept_experts(s[d][0], w13, w2, s[d][4], s[d][2]),
             "vllm": lambda d, s=draws: vllm_call(*s[d][:4]),
+            "grouped": lambda d, s=draws: grouped_experts(as_transformers, s[d][0], s[d][4], s[d][2]),
         }
         with torch.inference_mode():
             differences = []
             for x, ids, weights, keep, sentinel in draws:
                 mine = native.kept_experts(x, w13, w2, sentinel, weights)[0].float()
-                theirs = vllm_call(x, ids, weights, keep).float()
-                differences.append(((mine - theirs).norm() / theirs.norm()).item())
+                for theirs in (
+                    vllm_call(x, ids, weights, keep),
+                    grouped_experts(as_transformers, x, sentinel, weights).output,
+                ):
+                    theirs = theirs.float()
+                    differences.append(((mine - theirs).norm() / theirs.norm()).item())
             if max(differences) > 2e-2:
                 sys.exit(
-                    f"the two kernels disagree at {tokens} tokens (relative difference {max(differences):.2e})"
+                    f"the kernels disagree at {tokens} tokens (relative difference {max(differences):.2e})"
                 )
             medians = interleaved_medians(
                 methods, torch.device("cpu"), draws=args.draws, rounds=args.rounds, budget_s=args.budget
@@ -140,13 +153,16 @@ def main() -> None:
             "experts_read": statistics.median(len(torch.unique(d[1][d[3]])) for d in draws),
             "native_ms": round(medians["native"] * 1e3, 4),
             "vllm_ms": round(medians["vllm"] * 1e3, 4),
+            "grouped_ms": round(medians["grouped"] * 1e3, 4),
             "vllm_over_native": round(medians["vllm"] / medians["native"], 3),
+            "grouped_over_native": round(medians["grouped"] / medians["native"], 3),
             "max_relative_difference": max(differences),
         }
         results.append(row)
         print(
             f"T={tokens:5d} kept={row['kept_pairs']:5d} experts={row['experts_read']:6.1f}  "
-            f"native {row['native_ms']:9.3f} ms  vLLM {row['vllm_ms']:9.3f} ms  vLLM / native {row['vllm_over_native']:.2f}",
+            f"native {row['native_ms']:9.3f} ms  vLLM {row['vllm_ms']:9.3f} ms  vLLM / native {row['vllm_over_native']:.2f}  "
+            f"grouped {row['grouped_ms']:9.3f} ms  grouped / native {row['grouped_over_native']:.2f}",
             flush=True,
         )
     document = {

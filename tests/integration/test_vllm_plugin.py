@@ -220,13 +220,14 @@ def test_mla_families_serve_with_masks(family, checkpoints, vllm_results):
 
 def test_native_backend_serves_bf16_experts(checkpoints, vllm_results):
     """`beam.backend: native` runs beam-moe's C++ expert op on vLLM's bf16 weights (checkpoint
-    layout) in every BEAM layer and call (on a CPU with AMX: every decode-sized call).
+    layout) in every BEAM layer and call (on a CPU with AMX: every call of up to
+    AMX_NATIVE_ROWS_PER_EXPERT slots per expert).
     In bf16 vLLM's attention and transformers' round differently, so, as for the MLA families, the masks are compared with
     transformers' (bf16) on the tokens vLLM produced."""
     from beam_moe.experts.native import amx_tiles
 
     served = outcome(vllm_results, "native")
-    if amx_tiles():  # there prompt-sized calls go to grouped (oneDNN's GEMMs), decode stays native
+    if amx_tiles():  # there long prompts go to grouped (oneDNN's tile GEMMs)
         backends = served["stats"]["backends"]
         assert set(backends) == set(served["stats"]["per_layer"]), "every BEAM layer ran"
         assert all("native" in calls and set(calls) <= {"native", "grouped"} for calls in backends.values())

@@ -204,15 +204,20 @@ def test_supports_does_not_lie_on_real_experts(model_type):
     assert not NATIVE.supports(weights, CPU, needs_grad=True)[0]
 
 
-def test_prefill_on_a_cpu_with_amx_goes_to_grouped(monkeypatch):
-    """There oneDNN's GEMMs beat the op once experts have many rows; decode-sized calls stay native,
-    and without AMX every call does."""
+def test_long_prompts_on_a_cpu_with_amx_go_to_grouped(monkeypatch):
+    """There oneDNN's tile GEMMs beat the op once experts have more than AMX_NATIVE_ROWS_PER_EXPERT
+    kept rows each; shorter calls, and long ones that keep few pairs, stay native; without AMX every
+    call does."""
     w13, w2 = swiglu_experts(4, 64, 32)
     weights = ExpertWeights.swiglu(w13, w2)
     monkeypatch.setattr(native_backend, "amx_tiles", lambda: True)
-    x, ids, routing, _ = masked_routing(2, 4, 2, 64, seed=8)  # 4 slots <= 4 experts
+    most = native_backend.AMX_NATIVE_ROWS_PER_EXPERT * 4 // 2  # tokens of 2 kept slots over 4 experts
+    x, ids, routing, _ = masked_routing(most, 4, 2, 64, seed=8, kept_share=1.0)
     assert NATIVE(weights, x, ids, routing).backend == "native"
-    x, ids, routing, _ = masked_routing(9, 4, 2, 64, seed=8)
+    x, ids, routing, keep = masked_routing(4 * most, 4, 2, 64, seed=8, kept_share=0.2)
+    assert keep.sum() <= 2 * most < ids.numel()
+    assert NATIVE(weights, x, ids, routing).backend == "native"
+    x, ids, routing, _ = masked_routing(most + 1, 4, 2, 64, seed=8, kept_share=1.0)
     out = NATIVE(weights, x, ids, routing)
     assert out.backend == "grouped"
     torch.testing.assert_close(out.output, GROUPED(weights, x, ids, routing).output)

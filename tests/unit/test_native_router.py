@@ -119,14 +119,17 @@ def test_prompt_sized_calls_leave_the_router_to_torch_on_cpus_with_bf16_arithmet
     monkeypatch, bf16_arithmetic, amx
 ):
     """A prompt-sized router call is a dense GEMM that oneDNN's bf16 kernels run faster than the
-    op, so on such CPUs it is the module's; the experts stay native unless the CPU has AMX. A
-    decode-sized call is native everywhere."""
+    op, so on such CPUs it is the module's; the experts stay native unless the CPU has AMX and the
+    prompt gives each expert more than AMX_NATIVE_ROWS_PER_EXPERT rows. A decode-sized call is
+    native everywhere."""
     monkeypatch.setattr(native_backend, "hardware_bf16", lambda: bf16_arithmetic)
     monkeypatch.setattr(native_backend, "amx_tiles", lambda: amx)
     beam, _ = attached_pair()
     generator = torch.Generator().manual_seed(9)
     decode = torch.randint(0, beam.config.vocab_size, (1, 1), generator=generator)
-    prompt = torch.randint(0, beam.config.vocab_size, (1, 4 * beam.config.num_experts), generator=generator)
+    # about half the slots kept: several times AMX_NATIVE_ROWS_PER_EXPERT kept rows per expert
+    length = 4 * native_backend.AMX_NATIVE_ROWS_PER_EXPERT * beam.config.num_experts
+    prompt = torch.randint(0, beam.config.vocab_size, (1, length), generator=generator)
     with torch.no_grad():
         assert ran_native_router(lambda: beam(decode))
         assert ran_native_router(lambda: beam(prompt)) == (not bf16_arithmetic)

@@ -4,9 +4,9 @@
 It reads each kept expert's weights once, with several tokens per pass over a weight row (bf16 dot
 products on AVX512-BF16 CPUs, weights widened to float32 on AVX2 ones), at the memory's rate. Torch's
 bf16 matmul is compute-bound without bf16 arithmetic (AVX2 only: about 9 GFLOP/s at any shape) and
-half as fast as the op with AVX512-BF16; under AMX tiles oneDNN's GEMMs are faster once an expert
-has many rows, so there the backend computes decode-sized calls and hands larger ones to `grouped`
-(`native_preferred`).
+half as fast as the op with AVX512-BF16; under AMX tiles oneDNN's GEMMs are faster once each kept
+expert has more than about ten rows (long prompts), so there the backend hands such calls to
+`grouped` (`native_preferred`).
 """
 
 from __future__ import annotations
@@ -51,20 +51,26 @@ def hardware_bf16() -> bool:
     return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
 
 
+AMX_NATIVE_ROWS_PER_EXPERT = 10
+"""Under AMX tiles, the native op takes calls of up to this many slots per expert of the layer
+(slots <= this x experts); above, oneDNN's tile GEMMs are faster. Measured on a 2-core Xeon
+(Emerald Rapids) at Qwen3-30B-A3B sizes, Avg-K 1.23, grouped's time over the op's: 1 thread 2.1x at
+8 tokens, 1.43x at 512, 1.00x at 1024 (9.8 slots per expert), 0.80x at 1536; 2 threads 2.5x, 1.75x,
+1.15x, 0.85x."""
+
+
 def amx_tiles() -> bool:
     """Whether this CPU has AMX tiles, under which torch's bf16 GEMMs (oneDNN) outrun the native op
-    once an expert has many rows."""
+    once each expert has many rows (`AMX_NATIVE_ROWS_PER_EXPERT`)."""
     return getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
 
 
 def native_preferred(slots: int, experts: int) -> bool:
-    """Whether a native op beats torch's bf16 GEMMs on a call with `slots` (token, expert) rows over
-    `experts` weight rows: decode-sized calls (no more slots than experts: about one row per
-    expert, where a GEMM is a weight stream) always; larger ones unless the CPU has AMX. Measured
-    without AMX: 2.1x faster than oneDNN's AVX512-BF16 GEMMs at 8 to 1024 tokens of a
-    Qwen3-30B-A3B layer (the op's AVX512-BF16 path), 3-28x faster than torch on AVX2 only. The
-    experts backend applies it."""
-    return slots <= experts or not amx_tiles()
+    """Whether a native op beats torch's bf16 GEMMs on a call with `slots` kept (token, expert) rows over
+    `experts` weight rows: without AMX always (measured: 2.1x faster than oneDNN's AVX512-BF16
+    GEMMs at 8 to 1024 tokens of a Qwen3-30B-A3B layer, 3-28x faster than torch on AVX2 only);
+    with AMX up to AMX_NATIVE_ROWS_PER_EXPERT slots per expert. The experts backend applies it."""
+    return not amx_tiles() or slots <= AMX_NATIVE_ROWS_PER_EXPERT * experts
 
 
 def native_router_preferred(slots: int, experts: int) -> bool:
@@ -77,8 +83,12 @@ def native_router_preferred(slots: int, experts: int) -> bool:
 
 def native_experts(w: ExpertWeights, hidden: Tensor, ids: Tensor, weights: Tensor) -> ExpertsOutput:
     """Same contract as `reference_experts`: ids >= E are skipped; returns (output, rows computed, "native")."""
-    if not native_preferred(ids.numel(), w.num_experts):
-        log_fallback("native", "grouped", "a prefill-sized call whose GEMMs torch runs faster on this CPU")
+    experts = w.num_experts
+    # every slot is an upper bound on the kept ones; counting them is needed only above it
+    if not native_preferred(ids.numel(), experts) and not native_preferred(
+        int((ids < experts).sum()), experts
+    ):
+        log_fallback("native", "grouped", "a long prompt whose GEMMs torch runs faster on this CPU")
         return grouped_experts(w, hidden, ids, weights)
     output, rows = native.kept_experts(hidden, w.up.transpose(1, 2), w.down.transpose(1, 2), ids, weights)
     return ExpertsOutput(output, rows, "native")
