@@ -46,7 +46,13 @@ def main() -> None:
     parser.add_argument("--preset", default="qwen3-30b-a3b")
     parser.add_argument("--tokens", default="1,8,32,64,512")
     parser.add_argument("--avg-k", type=float, default=1.23)
-    parser.add_argument("--draws", type=int, default=8)
+    parser.add_argument(
+        "--draws",
+        type=int,
+        default=None,
+        help="random inputs to rotate over per token count (default: at least 8, and enough that "
+        "together they read every expert, so that a large L3 cache does not hold them all)",
+    )
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--budget", type=float, default=30.0, help="seconds per token count")
     parser.add_argument("--threads", type=int, default=None)
@@ -118,8 +124,9 @@ def main() -> None:
     results = []
     for tokens in parse_tokens(args.tokens):
         kept = max(1, round(args.avg_k * tokens))
+        count = args.draws or max(8, -(-experts // kept))
         draws = []
-        for _ in range(args.draws):
+        for _ in range(count):
             x = torch.randn(tokens, hidden, generator=generator).to(torch.bfloat16)
             ids = torch.stack([torch.randperm(experts, generator=generator)[:top_k] for _ in range(tokens)])
             weights = torch.rand(tokens, top_k, generator=generator)
@@ -145,11 +152,12 @@ def main() -> None:
                     f"the kernels disagree at {tokens} tokens (relative difference {max(differences):.2e})"
                 )
             medians = interleaved_medians(
-                methods, torch.device("cpu"), draws=args.draws, rounds=args.rounds, budget_s=args.budget
+                methods, torch.device("cpu"), draws=count, rounds=args.rounds, budget_s=args.budget
             )
         row = {
             "tokens": tokens,
             "kept_pairs": kept,
+            "draws": count,
             "experts_read": statistics.median(len(torch.unique(d[1][d[3]])) for d in draws),
             "native_ms": round(medians["native"] * 1e3, 4),
             "vllm_ms": round(medians["vllm"] * 1e3, 4),
